@@ -1,0 +1,36 @@
+"""Per-cell metrics JSON files and resource measurements."""
+from __future__ import annotations
+
+import json
+import os
+import resource
+import tempfile
+from pathlib import Path
+from typing import Any
+
+
+def peak_rss_gb() -> float:
+    """Peak resident memory of this process so far, in GiB (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
+
+
+def write_json(path: str | Path, data: dict[str, Any]) -> Path:
+    """Write JSON atomically (temp file + rename), so an interrupt never leaves half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w") as fh:
+        json.dump(data, fh, indent=2, sort_keys=True)
+        fh.write("\n")
+    os.replace(tmp, path)
+    return path
+
+
+def read_json(path: str | Path) -> dict[str, Any]:
+    with open(path) as fh:
+        return json.load(fh)
+
+
+def metrics_path(root: str | Path, model: str, setting: str, method: str) -> Path:
+    """``metrics/<model>/<setting>/<method>.json`` under ``root``."""
+    return Path(root) / "metrics" / model / setting / f"{method}.json"

@@ -1,0 +1,240 @@
+"""Pipeline stages over a composed config: prepare_model → calib_data → quantize → eval_ppl.
+
+Each stage reads the config, writes one artifact, and validates its inputs before writing
+anything. ``run_cell`` chains them in memory for Hydra multirun sweeps.
+"""
+from __future__ import annotations
+
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from safetensors.torch import load_file, save_file
+
+from omniquant import data as datalib
+from omniquant import methods, models
+from omniquant.errors import UserError
+from omniquant.metrics import metrics_path, peak_rss_gb, read_json, write_json
+from omniquant.perplexity import perplexity
+from omniquant.setting import QuantSetting
+from omniquant.tracking import log_run
+
+RECORD = "quant_record.json"
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One (model, setting, method) cell and where its artifacts live."""
+
+    model: str
+    setting: QuantSetting
+    method: str
+    out: Path
+
+    @property
+    def run_name(self) -> str:
+        return f"{self.model}/{self.setting.name}/{self.method}"
+
+    @property
+    def quantized_dir(self) -> Path:
+        return self.out / "artifacts" / "quantized" / self.model / self.setting.name / self.method
+
+    @property
+    def calib_file(self) -> Path:
+        return self.out / "artifacts" / "calib" / self.model / "calib.safetensors"
+
+    @property
+    def metrics_file(self) -> Path:
+        return metrics_path(self.out, self.model, self.setting.name, self.method)
+
+
+def cell_of(cfg: DictConfig) -> Cell:
+    """Validate the config's choices and name its cell (raises UserError on bad input)."""
+    setting = QuantSetting.from_cfg(cfg.quant)
+    method = str(cfg.method.name)
+    methods.validate(method, setting)
+    models.loading.source_of(cfg.model)
+    return Cell(models.model_name(cfg.model), setting, method, Path(cfg.paths.out))
+
+
+def device_of(cfg: DictConfig) -> torch.device:
+    name = str(cfg.device)
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"device={name} requested but no CUDA GPU is available; use device=cpu or auto")
+    return torch.device(name)
+
+
+def _load(cfg: DictConfig, path: str):
+    device = device_of(cfg)
+    dtype = models.loading.resolve_dtype(str(cfg.dtype), device)
+    return models.load_model(path, dtype, device, bool(cfg.model.get("trust_remote_code", False)))
+
+
+def _base_checkpoint(cfg: DictConfig) -> str:
+    return models.ensure_prepared(cfg.model, cfg.paths.models, cfg.paths.cache)
+
+
+# --------------------------------------------------------------------------- stages
+
+
+def prepare_model(cfg: DictConfig) -> Path:
+    """Convert/build/validate the model into ``paths.models/<name>``."""
+    cell_of(cfg)
+    return models.prepare_model(cfg.model, cfg.paths.models, cfg.paths.cache)
+
+
+def _check_data(cfg: DictConfig, names_splits: list[tuple[str, str]]) -> Path | None:
+    root = datalib.data_root(cfg.data.root)
+    if root is not None:
+        for name, split in names_splits:
+            if not datalib.has_split(name, split, root):
+                ds = datalib.dataset(name)
+                raise UserError(
+                    f"missing data file {root / ds.files[split]} ({name} {split}); put it there, or point "
+                    f"data.root / ${datalib.DATA_DIR_ENV} at a folder that has it (README 'Offline data')"
+                )
+    return root
+
+
+def calib_split(cfg: DictConfig) -> str:
+    """``data.calib.split``; a list means "the first split present under the data root"."""
+    calib = cfg.data.calib
+    if isinstance(calib.split, str):
+        return calib.split
+    root = datalib.data_root(cfg.data.root)
+    splits = list(calib.split)
+    chosen = next((s for s in splits if root is None or datalib.has_split(calib.dataset, s, root)), splits[-1])
+    if chosen != splits[0]:
+        print(f"omniquant: calibration uses {calib.dataset} {chosen}: {splits[0]} is not under {root}")
+    return chosen
+
+
+def sample_calibration(cfg: DictConfig, tokenizer) -> torch.Tensor:
+    calib = cfg.data.calib
+    split = calib_split(cfg)
+    root = _check_data(cfg, [(calib.dataset, split)])
+    rows = datalib.load_rows(calib.dataset, split, root)
+    tokens = datalib.tokenize_rows(rows, tokenizer)
+    return datalib.calibration_windows(tokens, int(calib.nsamples), int(calib.seqlen), int(cfg.seed))
+
+
+def calib_data(cfg: DictConfig) -> Path:
+    """Sample calibration windows and save them (safetensors) for the quantize stage."""
+    cell = cell_of(cfg)
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(_base_checkpoint(cfg))
+    windows = sample_calibration(cfg, tokenizer)
+    cell.calib_file.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cell.calib_file.with_suffix(".partial")
+    meta = {k: str(v) for k, v in OmegaConf.to_container(cfg.data.calib, resolve=True).items()}
+    meta["split"] = calib_split(cfg)
+    save_file({"input_ids": windows.contiguous()}, str(tmp), metadata=meta | {"seed": str(cfg.seed)})
+    tmp.replace(cell.calib_file)
+    return cell.calib_file
+
+
+def _quantize_in_memory(cfg: DictConfig, cell: Cell, model, calib: torch.Tensor | None) -> tuple[dict, dict]:
+    torch.manual_seed(int(cfg.seed))
+    start = time.perf_counter()
+    qparams = methods.quantize_(model, cell.setting, cfg.method, calib)
+    record = {"quant_seconds": time.perf_counter() - start, "peak_rss_gb": peak_rss_gb()}
+    return qparams, record
+
+
+def quantize(cfg: DictConfig) -> Path:
+    """Quantize the model and save a fake-quantized HF checkpoint plus its quant record."""
+    cell = cell_of(cfg)
+    base = _base_checkpoint(cfg)
+    calib = load_file(str(cell.calib_file))["input_ids"] if cell.calib_file.is_file() else None
+    staging = cell.quantized_dir.with_name(cell.quantized_dir.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        if cell.method == "fp":
+            record = {"quant_seconds": 0.0, "peak_rss_gb": peak_rss_gb(), "checkpoint": str(Path(base).resolve())}
+        else:
+            model, tokenizer = _load(cfg, base)
+            qparams, record = _quantize_in_memory(cfg, cell, model, calib)
+            model.save_pretrained(staging)
+            tokenizer.save_pretrained(staging)
+            save_file(_flat_qparams(qparams), str(staging / "qparams.safetensors"))
+            record["checkpoint"] = None  # this directory
+        write_json(staging / RECORD, record | {"setting": cell.setting.name, "method": cell.method})
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    shutil.rmtree(cell.quantized_dir, ignore_errors=True)
+    staging.rename(cell.quantized_dir)
+    return cell.quantized_dir
+
+
+def _flat_qparams(qparams: dict) -> dict[str, torch.Tensor]:
+    return {f"{name}.{key}": t.contiguous() for name, d in qparams.items() for key, t in d.items()}
+
+
+def evaluate_perplexity(cfg: DictConfig, model, tokenizer, model_name: str) -> dict[str, Any]:
+    """``<dataset>_ppl`` and ``<dataset>_windows`` for every dataset in ``eval.datasets``."""
+    ev = cfg.eval
+    root = _check_data(cfg, [(name, datalib.dataset(name).eval_split) for name in ev.datasets])
+    results: dict[str, Any] = {"eval_seqlen": int(ev.seqlen)}
+    for name in ev.datasets:
+        tokens = datalib.eval_tokens(name, tokenizer, int(ev.seqlen), root)
+        res = perplexity(model, tokens, int(ev.seqlen), ev.max_windows, desc=f"{model_name} {name}")
+        results[f"{name}_ppl"] = res.ppl
+        results[f"{name}_windows"] = res.windows
+        results[f"{name}_total_windows"] = res.total_windows
+    return results
+
+
+def _finish(cfg: DictConfig, cell: Cell, results: dict[str, Any]) -> dict[str, Any]:
+    """Write the cell's metrics JSON and log the run to MLflow."""
+    metrics = {"model": cell.model, "setting": cell.setting.name, "method": cell.method} | results
+    grid = cfg.model.get("weight_grid")
+    if grid:
+        metrics["model_weight_grid"] = str(grid)
+    write_json(cell.metrics_file, metrics)
+    if cfg.mlflow.enabled:
+        config = OmegaConf.to_container(cfg, resolve=True)
+        log_run(
+            cell.run_name,
+            config,
+            metrics,
+            experiment=str(cfg.mlflow.experiment),
+            tracking_uri=str(cfg.mlflow.tracking_uri),
+            tags={"model": cell.model, "setting": cell.setting.name, "method": cell.method, "stage": "eval_ppl"},
+        )
+    return metrics
+
+
+def eval_ppl(cfg: DictConfig) -> dict[str, Any]:
+    """Evaluate the quantize stage's checkpoint; write ``metrics/<model>/<setting>/<method>.json``."""
+    cell = cell_of(cfg)
+    record_file = cell.quantized_dir / RECORD
+    if not record_file.is_file():
+        raise UserError(f"{record_file} not found: run the quantize stage for {cell.run_name} first")
+    _check_data(cfg, [(name, datalib.dataset(name).eval_split) for name in cfg.eval.datasets])
+    record = read_json(record_file)
+    model, tokenizer = _load(cfg, record.get("checkpoint") or str(cell.quantized_dir))
+    results = evaluate_perplexity(cfg, model, tokenizer, cell.model)
+    results |= {k: record[k] for k in ("quant_seconds", "peak_rss_gb")}
+    results["eval_peak_rss_gb"] = peak_rss_gb()
+    return _finish(cfg, cell, results)
+
+
+def run_cell(cfg: DictConfig) -> dict[str, Any]:
+    """All stages for one cell in memory (Hydra multirun entry); no checkpoint is written."""
+    cell = cell_of(cfg)
+    _check_data(cfg, [(name, datalib.dataset(name).eval_split) for name in cfg.eval.datasets])
+    model, tokenizer = _load(cfg, _base_checkpoint(cfg))
+    calib = sample_calibration(cfg, tokenizer) if cell.method not in ("fp", "rtn") else None
+    _, record = _quantize_in_memory(cfg, cell, model, calib)
+    results = evaluate_perplexity(cfg, model, tokenizer, cell.model) | record
+    results["eval_peak_rss_gb"] = peak_rss_gb()
+    return _finish(cfg, cell, results)

@@ -1,0 +1,55 @@
+"""A quantization setting such as ``w3a16g128``: weight and activation bit widths, grouping."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+from omniquant.errors import UserError
+from omniquant.quantizer import FULL_PRECISION_BITS, QuantSpec
+
+
+@dataclass(frozen=True)
+class QuantSetting:
+    name: str
+    wbits: int
+    abits: int
+    group_size: int | None
+    symmetric: bool = False
+
+    def __post_init__(self) -> None:
+        for label, bits in (("wbits", self.wbits), ("abits", self.abits)):
+            if bits != FULL_PRECISION_BITS and not (isinstance(bits, int) and 2 <= bits <= 8):
+                raise UserError(
+                    f"quant.{label}={bits!r} is not supported: use 2..8, or {FULL_PRECISION_BITS} for full precision"
+                )
+        if self.group_size is not None and (not isinstance(self.group_size, int) or self.group_size <= 0):
+            raise UserError(
+                f"quant.group_size={self.group_size!r} is invalid: use a positive integer (e.g. 128) or null"
+            )
+
+    @classmethod
+    def from_cfg(cls, cfg: Mapping[str, Any]) -> "QuantSetting":
+        return cls(
+            name=str(cfg["name"]),
+            wbits=cfg["wbits"],
+            abits=cfg["abits"],
+            group_size=cfg.get("group_size"),
+            symmetric=bool(cfg.get("symmetric", False)),
+        )
+
+    @property
+    def quantizes(self) -> bool:
+        return self.wbits < FULL_PRECISION_BITS or self.abits < FULL_PRECISION_BITS
+
+    @property
+    def weight_spec(self) -> QuantSpec | None:
+        if self.wbits >= FULL_PRECISION_BITS:
+            return None
+        return QuantSpec(self.wbits, self.group_size, self.symmetric)
+
+    @property
+    def act_spec(self) -> QuantSpec | None:
+        """Per-token asymmetric activation quantization, if any."""
+        if self.abits >= FULL_PRECISION_BITS:
+            return None
+        return QuantSpec(self.abits, None, False)

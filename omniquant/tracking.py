@@ -1,0 +1,44 @@
+"""MLflow logging: flattened config as params, metrics, metrics JSON and config as artifacts."""
+from __future__ import annotations
+
+import os
+from typing import Any, Mapping
+
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+
+
+def flatten(cfg: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}} -> {"a.b": 1}``; lists become their string form."""
+    flat: dict[str, Any] = {}
+    for key, value in cfg.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def log_run(
+    run_name: str,
+    config: Mapping[str, Any],
+    metrics: Mapping[str, Any],
+    *,
+    experiment: str,
+    tracking_uri: str | None = None,
+    tags: Mapping[str, str] | None = None,
+) -> str:
+    """Log one run; returns its run id. ``MLFLOW_TRACKING_URI`` overrides ``tracking_uri``."""
+    os.environ.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
+    import mlflow
+
+    mlflow.set_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI") or tracking_uri or DEFAULT_TRACKING_URI)
+    mlflow.set_experiment(experiment)
+    numeric = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    with mlflow.start_run(run_name=run_name, tags=dict(tags or {})) as run:
+        params = {k: "null" if v is None else str(v)[:6000] for k, v in flatten(config).items()}
+        mlflow.log_params(params)
+        mlflow.log_metrics(numeric)
+        mlflow.log_dict(dict(metrics), "metrics.json")
+        mlflow.log_dict(dict(config), "config/resolved.yaml")
+        return run.info.run_id

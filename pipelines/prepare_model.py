@@ -1,0 +1,6 @@
+"""Stage `prepare_model`: `python -m pipelines.prepare_model [hydra overrides]` (see omniquant.pipeline.prepare_model)."""
+from omniquant.pipeline import prepare_model
+from pipelines._app import run_stage
+
+if __name__ == "__main__":
+    run_stage(prepare_model)
