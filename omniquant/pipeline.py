@@ -9,7 +9,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -186,7 +186,8 @@ def evaluate_perplexity(cfg: DictConfig, model, tokenizer, model_name: str) -> d
     results: dict[str, Any] = {"eval_seqlen": int(ev.seqlen)}
     for name in ev.datasets:
         tokens = datalib.eval_tokens(name, tokenizer, int(ev.seqlen), root)
-        res = perplexity(model, tokens, int(ev.seqlen), ev.max_windows, desc=f"{model_name} {name}")
+        limit = ev.max_windows.get(name) if isinstance(ev.max_windows, Mapping) else ev.max_windows
+        res = perplexity(model, tokens, int(ev.seqlen), limit, desc=f"{model_name} {name}")
         results[f"{name}_ppl"] = res.ppl
         results[f"{name}_windows"] = res.windows
         results[f"{name}_total_windows"] = res.total_windows
