@@ -1,4 +1,5 @@
-"""Pipeline stages over a composed config: prepare_model → calib_data → quantize → eval_ppl.
+"""Pipeline stages over a composed config:
+prepare_model → calib_data → act_stats → quantize (calibrate, for OmniQuant) → eval_ppl.
 
 Each stage reads the config, writes one artifact, and validates its inputs before writing
 anything. ``run_cell`` chains them in memory for Hydra multirun sweeps.
@@ -15,8 +16,11 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import load_file, save_file
 
+from omniquant import act_stats as act_stats_lib
 from omniquant import data as datalib
 from omniquant import methods, models
+from omniquant.block import attach_act_quant, plain_layers
+from omniquant.methods.base import QuantResult
 from omniquant.errors import UserError
 from omniquant.metrics import metrics_path, peak_rss_gb, read_json, write_json
 from omniquant.perplexity import perplexity
@@ -24,6 +28,7 @@ from omniquant.setting import QuantSetting
 from omniquant.tracking import log_run
 
 RECORD = "quant_record.json"
+RECORD_METRICS = ("quant_seconds", "peak_rss_gb", "peak_mem_gb", "nan_retries")
 
 
 @dataclass(frozen=True)
@@ -48,6 +53,15 @@ class Cell:
         return self.out / "artifacts" / "calib" / self.model / "calib.safetensors"
 
     @property
+    def act_stats_file(self) -> Path:
+        return self.out / "artifacts" / "act_stats" / self.model / "act_stats.safetensors"
+
+    @property
+    def state_dir(self) -> Path:
+        """Resume files (outside DVC outputs, which DVC deletes before a stage runs)."""
+        return self.out / "artifacts" / "state" / self.model / self.setting.name / self.method
+
+    @property
     def metrics_file(self) -> Path:
         return metrics_path(self.out, self.model, self.setting.name, self.method)
 
@@ -70,10 +84,11 @@ def device_of(cfg: DictConfig) -> torch.device:
     return torch.device(name)
 
 
-def _load(cfg: DictConfig, path: str):
-    device = device_of(cfg)
-    dtype = models.loading.resolve_dtype(str(cfg.dtype), device)
-    return models.load_model(path, dtype, device, bool(cfg.model.get("trust_remote_code", False)))
+def _load(cfg: DictConfig, path: str, device: torch.device | None = None):
+    """Load on ``device`` (default: the configured one) in the configured compute dtype."""
+    compute = device_of(cfg)
+    dtype = models.loading.resolve_dtype(str(cfg.dtype), compute)
+    return models.load_model(path, dtype, device or compute, bool(cfg.model.get("trust_remote_code", False)))
 
 
 def _base_checkpoint(cfg: DictConfig) -> str:
@@ -140,16 +155,61 @@ def calib_data(cfg: DictConfig) -> Path:
     return cell.calib_file
 
 
-def _quantize_in_memory(cfg: DictConfig, cell: Cell, model, calib: torch.Tensor | None) -> tuple[dict, dict]:
+def act_stats(cfg: DictConfig) -> Path:
+    """Per-channel activation statistics of the FP model on the calibration windows (for LET init)."""
+    cell = cell_of(cfg)
+    if not cell.calib_file.is_file():
+        raise UserError(f"{cell.calib_file} not found: run the calib_data stage for {cell.model} first")
+    model, _ = _load(cfg, _base_checkpoint(cfg))
+    stats = act_stats_lib.collect(model, load_file(str(cell.calib_file))["input_ids"])
+    cell.act_stats_file.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cell.act_stats_file.with_suffix(".partial")
+    save_file(stats, str(tmp))
+    tmp.replace(cell.act_stats_file)
+    return cell.act_stats_file
+
+
+def _method_context(cfg: DictConfig, cell: Cell, model, calib: torch.Tensor | None) -> methods.MethodContext:
+    """Per-setting overrides, activation statistics, resume state and saved parameters for a method."""
+    if cell.method not in methods.NEEDS_CALIBRATION:
+        return methods.MethodContext()
+    overrides = OmegaConf.to_container(cfg.quant.get(cell.method) or OmegaConf.create({}), resolve=True)
+    if cell.act_stats_file.is_file():
+        stats = load_file(str(cell.act_stats_file))
+    else:
+        stats = act_stats_lib.collect(model.to(device_of(cfg)), calib)
+        model.to("cpu")
+    saved = cfg.method.get("resume_params")
+    if saved and not Path(saved).is_file():
+        raise UserError(f"method.resume_params={saved} does not exist")
+    return methods.MethodContext(
+        setting_overrides=overrides,
+        profile=OmegaConf.to_container(cfg.get("calibration") or OmegaConf.create({}), resolve=True),
+        act_stats=stats,
+        state_dir=cell.state_dir if cfg.method.get("resume", True) else None,
+        saved_params=load_file(str(saved)) if saved else None,
+        device=device_of(cfg),
+    )
+
+
+def _quantize_in_memory(cfg: DictConfig, cell: Cell, model, calib: torch.Tensor | None) -> tuple[QuantResult, dict]:
+    """Run the method on the CPU-resident model; returns its result and the quant record."""
     torch.manual_seed(int(cfg.seed))
+    ctx = _method_context(cfg, cell, model, calib)
     start = time.perf_counter()
-    qparams = methods.quantize_(model, cell.setting, cfg.method, calib)
-    record = {"quant_seconds": time.perf_counter() - start, "peak_rss_gb": peak_rss_gb()}
-    return qparams, record
+    result = methods.quantize_(model, cell.setting, cfg.method, calib, ctx)
+    seconds = time.perf_counter() - start
+    record = {"quant_seconds": seconds, "peak_rss_gb": peak_rss_gb()}
+    record["peak_mem_gb"] = result.record.get("peak_mem_gb", record["peak_rss_gb"])
+    return result, record | {k: v for k, v in result.record.items() if k != "peak_mem_gb"}
 
 
 def quantize(cfg: DictConfig) -> Path:
-    """Quantize the model and save a fake-quantized HF checkpoint plus its quant record."""
+    """Quantize the model and save a fake-quantized HF checkpoint plus its quant record.
+
+    For OmniQuant this is the calibration stage: it also saves the learned parameters
+    (``omni_parameters.safetensors``), resumable per block from ``artifacts/state``.
+    """
     cell = cell_of(cfg)
     base = _base_checkpoint(cfg)
     calib = load_file(str(cell.calib_file))["input_ids"] if cell.calib_file.is_file() else None
@@ -160,11 +220,14 @@ def quantize(cfg: DictConfig) -> Path:
         if cell.method == "fp":
             record = {"quant_seconds": 0.0, "peak_rss_gb": peak_rss_gb(), "checkpoint": str(Path(base).resolve())}
         else:
-            model, tokenizer = _load(cfg, base)
-            qparams, record = _quantize_in_memory(cfg, cell, model, calib)
-            model.save_pretrained(staging)
+            model, tokenizer = _load(cfg, base, torch.device("cpu"))
+            result, record = _quantize_in_memory(cfg, cell, model, calib)
+            with plain_layers(model):
+                model.save_pretrained(staging)
             tokenizer.save_pretrained(staging)
-            save_file(_flat_qparams(qparams), str(staging / "qparams.safetensors"))
+            save_file(_flat_qparams(result.qparams), str(staging / "qparams.safetensors"))
+            if result.learned:
+                save_file(result.learned, str(staging / "omni_parameters.safetensors"))
             record["checkpoint"] = None  # this directory
         write_json(staging / RECORD, record | {"setting": cell.setting.name, "method": cell.method})
     except BaseException:
@@ -172,6 +235,7 @@ def quantize(cfg: DictConfig) -> Path:
         raise
     shutil.rmtree(cell.quantized_dir, ignore_errors=True)
     staging.rename(cell.quantized_dir)
+    shutil.rmtree(cell.state_dir, ignore_errors=True)  # finished: resume files no longer needed
     return cell.quantized_dir
 
 
@@ -194,8 +258,8 @@ def evaluate_perplexity(cfg: DictConfig, model, tokenizer, model_name: str) -> d
     return results
 
 
-def _finish(cfg: DictConfig, cell: Cell, results: dict[str, Any]) -> dict[str, Any]:
-    """Write the cell's metrics JSON and log the run to MLflow."""
+def _finish(cfg: DictConfig, cell: Cell, results: dict[str, Any], blocks: list[dict] | None = None) -> dict[str, Any]:
+    """Write the cell's metrics JSON and log the run (and per-block calibration curves) to MLflow."""
     metrics = {"model": cell.model, "setting": cell.setting.name, "method": cell.method} | results
     grid = cfg.model.get("weight_grid")
     if grid:
@@ -210,6 +274,7 @@ def _finish(cfg: DictConfig, cell: Cell, results: dict[str, Any]) -> dict[str, A
             experiment=str(cfg.mlflow.experiment),
             tracking_uri=str(cfg.mlflow.tracking_uri),
             tags={"model": cell.model, "setting": cell.setting.name, "method": cell.method, "stage": "eval_ppl"},
+            blocks=blocks,
         )
     return metrics
 
@@ -223,19 +288,23 @@ def eval_ppl(cfg: DictConfig) -> dict[str, Any]:
     _check_data(cfg, [(name, datalib.dataset(name).eval_split) for name in cfg.eval.datasets])
     record = read_json(record_file)
     model, tokenizer = _load(cfg, record.get("checkpoint") or str(cell.quantized_dir))
+    if cell.setting.act_spec is not None and cell.method != "fp":
+        attach_act_quant(model, cell.setting.act_spec)  # weights are fake-quantized; activations too
     results = evaluate_perplexity(cfg, model, tokenizer, cell.model)
-    results |= {k: record[k] for k in ("quant_seconds", "peak_rss_gb")}
+    results |= {k: record[k] for k in RECORD_METRICS if k in record}
     results["eval_peak_rss_gb"] = peak_rss_gb()
-    return _finish(cfg, cell, results)
+    return _finish(cfg, cell, results, record.get("blocks"))
 
 
 def run_cell(cfg: DictConfig) -> dict[str, Any]:
     """All stages for one cell in memory (Hydra multirun entry); no checkpoint is written."""
     cell = cell_of(cfg)
     _check_data(cfg, [(name, datalib.dataset(name).eval_split) for name in cfg.eval.datasets])
-    model, tokenizer = _load(cfg, _base_checkpoint(cfg))
-    calib = sample_calibration(cfg, tokenizer) if cell.method not in ("fp", "rtn") else None
+    model, tokenizer = _load(cfg, _base_checkpoint(cfg), torch.device("cpu"))
+    calib = sample_calibration(cfg, tokenizer) if cell.method in methods.NEEDS_CALIBRATION else None
     _, record = _quantize_in_memory(cfg, cell, model, calib)
-    results = evaluate_perplexity(cfg, model, tokenizer, cell.model) | record
+    model.to(device_of(cfg))
+    results = evaluate_perplexity(cfg, model, tokenizer, cell.model)
+    results |= {k: record[k] for k in RECORD_METRICS if k in record}
     results["eval_peak_rss_gb"] = peak_rss_gb()
-    return _finish(cfg, cell, results)
+    return _finish(cfg, cell, results, record.get("blocks"))

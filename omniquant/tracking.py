@@ -27,6 +27,7 @@ def log_run(
     experiment: str,
     tracking_uri: str | None = None,
     tags: Mapping[str, str] | None = None,
+    blocks: list[Mapping[str, Any]] | None = None,
 ) -> str:
     """Log one run; returns its run id. ``MLFLOW_TRACKING_URI`` overrides ``tracking_uri``."""
     os.environ.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
@@ -41,4 +42,19 @@ def log_run(
         mlflow.log_metrics(numeric)
         mlflow.log_dict(dict(metrics), "metrics.json")
         mlflow.log_dict(dict(config), "config/resolved.yaml")
+        if blocks:
+            _log_blocks(mlflow, blocks)
         return run.info.run_id
+
+
+def _log_blocks(mlflow, blocks: list[Mapping[str, Any]]) -> None:
+    """Per-block calibration records: time and peak memory (step = block), loss curves (step = epoch)."""
+    for rec in blocks:
+        i = int(rec["block"])
+        mlflow.log_metric("block_seconds", float(rec["seconds"]), step=i)
+        mlflow.log_metric("block_peak_mem_gb", float(rec["peak_mem_gb"]), step=i)
+        for epoch, loss in enumerate(rec.get("epoch_loss", [])):
+            mlflow.log_metric(f"calib_loss/block_{i:03d}", float(loss), step=epoch)
+        if rec.get("epoch_loss"):
+            mlflow.log_metric("block_final_loss", float(rec["epoch_loss"][-1]), step=i)
+    mlflow.log_dict({"blocks": list(blocks)}, "calibration/blocks.json")

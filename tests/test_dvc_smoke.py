@@ -34,11 +34,14 @@ def test_dvc_repro_smoke_grid(tmp_path, data_root):
     run(*dvc, "init", "-q")
     run(sys.executable, "-m", "pipelines.compose_params", "grid=smoke")
     run(*dvc, "repro")
-    for setting, method in (("w4a16g128", "rtn"), ("w3a16g128", "rtn"), ("fp16", "fp")):
+    cells = [("w4a16g128", "rtn"), ("w4a16g128", "omniquant"), ("w4a4", "rtn"), ("w4a4", "omniquant"), ("fp16", "fp")]
+    for setting, method in cells:
         metrics = json.loads((work / "metrics" / "tiny-llama" / setting / f"{method}.json").read_text())
         assert (metrics["model"], metrics["setting"], metrics["method"]) == ("tiny-llama", setting, method)
         assert metrics["wikitext2_windows"] == 2 and metrics["wikitext2_ppl"] > 1
     assert (work / "dvc.lock").is_file()
+    assert (work / "artifacts/act_stats/tiny-llama/act_stats.safetensors").is_file()
+    assert (work / "artifacts/quantized/tiny-llama/w4a4/omniquant/omni_parameters.safetensors").is_file()
     assert "up to date" in run(*dvc, "repro")  # a second run re-runs nothing
     shown = run(*dvc, "metrics", "show", "--json")
     assert "wikitext2_ppl" in shown

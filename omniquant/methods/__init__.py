@@ -1,4 +1,8 @@
-"""Quantization methods, selected by name: ``quantize_(model, setting, method_cfg, calib)``."""
+"""Quantization methods, selected by name: ``quantize_(model, setting, method_cfg, calib, ctx)``.
+
+A method fake-quantizes the model in place (activation quantization, where the setting has
+it, is attached as block wrappers) and returns a :class:`QuantResult`.
+"""
 from __future__ import annotations
 
 from typing import Any, Callable, Mapping
@@ -7,18 +11,22 @@ import torch
 from torch import nn
 
 from omniquant.errors import UserError
-from omniquant.methods import rtn
+from omniquant.methods import omniquant, rtn
+from omniquant.methods.base import MethodContext, QuantResult
+
+__all__ = ["METHODS", "NEEDS_CALIBRATION", "MethodContext", "QuantResult", "quantize_", "validate"]
 from omniquant.setting import QuantSetting
 
-Method = Callable[[nn.Module, QuantSetting, Mapping[str, Any], torch.Tensor | None], dict]
+Method = Callable[[nn.Module, QuantSetting, Mapping[str, Any], torch.Tensor | None, MethodContext], QuantResult]
 
 
-def _fp(model: nn.Module, setting: QuantSetting, cfg: Mapping[str, Any], calib: torch.Tensor | None) -> dict:
+def _fp(model, setting, cfg, calib, ctx) -> QuantResult:
     """The unquantized reference row."""
-    return {}
+    return QuantResult()
 
 
-METHODS: dict[str, Method] = {"fp": _fp, "rtn": rtn.quantize}
+METHODS: dict[str, Method] = {"fp": _fp, "rtn": rtn.quantize, "omniquant": omniquant.quantize}
+NEEDS_CALIBRATION = {"omniquant"}
 
 
 def validate(name: str, setting: QuantSetting) -> None:
@@ -32,9 +40,15 @@ def validate(name: str, setting: QuantSetting) -> None:
 
 
 def quantize_(
-    model: nn.Module, setting: QuantSetting, method_cfg: Mapping[str, Any], calib: torch.Tensor | None = None
-) -> dict:
-    """Quantize ``model`` in place with the configured method; returns per-linear quant params."""
+    model: nn.Module,
+    setting: QuantSetting,
+    method_cfg: Mapping[str, Any],
+    calib: torch.Tensor | None = None,
+    ctx: MethodContext | None = None,
+) -> QuantResult:
+    """Quantize ``model`` in place with the configured method."""
     name = method_cfg["name"]
     validate(name, setting)
-    return METHODS[name](model, setting, method_cfg, calib)
+    if name in NEEDS_CALIBRATION and calib is None:
+        raise UserError(f"method={name} needs calibration data (the calib_data stage)")
+    return METHODS[name](model, setting, method_cfg, calib, ctx or MethodContext())

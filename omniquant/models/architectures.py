@@ -18,12 +18,14 @@ class Architecture:
 
     family: str
     layers: str  # dotted path from the CausalLM to the ModuleList of decoder blocks
+    rotary: str  # dotted path to the rotary embedding module (cos/sin for our block forward)
     linears: tuple[str, ...]  # dotted paths of the block's quantized linears, in forward order
 
 
 LLAMA = Architecture(
     family="llama",
     layers="model.layers",
+    rotary="model.rotary_emb",
     linears=(
         "self_attn.q_proj",
         "self_attn.k_proj",

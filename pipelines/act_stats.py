@@ -1,0 +1,6 @@
+"""Stage `act_stats`: `python -m pipelines.act_stats [hydra overrides]` (see omniquant.pipeline.act_stats)."""
+from omniquant.pipeline import act_stats
+from pipelines._app import run_stage
+
+if __name__ == "__main__":
+    run_stage(act_stats)
