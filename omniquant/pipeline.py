@@ -28,7 +28,8 @@ from omniquant.setting import QuantSetting
 from omniquant.tracking import log_run
 
 RECORD = "quant_record.json"
-RECORD_METRICS = ("quant_seconds", "peak_rss_gb", "peak_mem_gb", "nan_retries")
+RECORD_METRICS = ("quant_seconds", "peak_rss_gb", "peak_mem_gb", "nan_retries", "calib_epochs", "calib_batch_size",
+                  "calib_nsamples", "calib_seqlen")
 
 
 @dataclass(frozen=True)
@@ -173,6 +174,8 @@ def _method_context(cfg: DictConfig, cell: Cell, model, calib: torch.Tensor | No
     """Per-setting overrides, activation statistics, resume state and saved parameters for a method."""
     if cell.method not in methods.NEEDS_CALIBRATION:
         return methods.MethodContext()
+    if calib is None:
+        raise UserError(f"method={cell.method} needs calibration data: run the calib_data stage first")
     overrides = OmegaConf.to_container(cfg.quant.get(cell.method) or OmegaConf.create({}), resolve=True)
     if cell.act_stats_file.is_file():
         stats = load_file(str(cell.act_stats_file))
@@ -201,6 +204,9 @@ def _quantize_in_memory(cfg: DictConfig, cell: Cell, model, calib: torch.Tensor 
     seconds = time.perf_counter() - start
     record = {"quant_seconds": seconds, "peak_rss_gb": peak_rss_gb()}
     record["peak_mem_gb"] = result.record.get("peak_mem_gb", record["peak_rss_gb"])
+    if "calib" in result.record:  # the effective hyper-parameters after precedence
+        record |= {f"calib_{k}": result.record["calib"][k] for k in ("epochs", "batch_size")}
+        record["calib_nsamples"], record["calib_seqlen"] = int(calib.shape[0]), int(calib.shape[1])
     return result, record | {k: v for k, v in result.record.items() if k != "peak_mem_gb"}
 
 
