@@ -105,3 +105,17 @@ def test_missing_data_one_line_error(tmp_path):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "missing data file" in lines[0] and "wiki.test.raw" in lines[0], proc.stderr
     assert not (tmp_path / "out" / "metrics").exists()
+
+
+def test_saved_weight_activation_checkpoint_evaluates_like_in_memory(make_cfg, data_root):
+    """quantize → save → load → re-attach activation quant gives the in-memory model's perplexity."""
+    cfg = make_cfg(*SMOKE, "quant=w4a4", "method=omniquant", f"data.root={data_root}")
+    pipeline.prepare_model(cfg)
+    pipeline.calib_data(cfg)
+    pipeline.act_stats(cfg)
+    qdir = pipeline.quantize(cfg)
+    assert (qdir / "omni_parameters.safetensors").is_file()
+    staged = pipeline.eval_ppl(cfg)
+    in_memory = pipeline.run_cell(cfg)
+    assert staged["wikitext2_ppl"] == pytest.approx(in_memory["wikitext2_ppl"], rel=1e-6)
+    assert staged["calib_epochs"] == 1 and staged["calib_nsamples"] == 4
