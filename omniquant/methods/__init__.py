@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from omniquant.errors import UserError
-from omniquant.methods import fp, omniquant, rtn
+from omniquant.methods import awq, fp, gptq, omniquant, rtn, smoothquant
 from omniquant.methods.base import MethodContext, QuantResult
 
 __all__ = ["METHODS", "NEEDS_CALIBRATION", "MethodContext", "QuantResult", "quantize_", "validate"]
@@ -21,8 +21,9 @@ Method = Callable[[nn.Module, QuantSetting, Mapping[str, Any], torch.Tensor | No
 
 
 # name -> implementation; each lives in omniquant/methods/<name>.py (the DVC cells depend on that file)
-METHODS: dict[str, Method] = {"fp": fp.quantize, "rtn": rtn.quantize, "omniquant": omniquant.quantize}
-NEEDS_CALIBRATION = {"omniquant"}
+METHODS: dict[str, Method] = {"fp": fp.quantize, "rtn": rtn.quantize, "omniquant": omniquant.quantize,
+                              "gptq": gptq.quantize, "awq": awq.quantize, "smoothquant": smoothquant.quantize}
+NEEDS_CALIBRATION = {"omniquant", "gptq", "awq", "smoothquant"}
 
 
 def validate(name: str, setting: QuantSetting) -> None:

@@ -1,0 +1,128 @@
+"""GPTQ (Frantar et al. 2022): column-wise quantization with second-order error compensation.
+
+Per decoder block and per linear, ``H = 2/n Σ x xᵀ`` over the ``n`` calibration tokens entering
+it. Columns are quantized left to right on our grid; each column's error, divided by the
+diagonal of the upper Cholesky factor ``U`` of ``(H + λI)⁻¹``, is spread over the columns not yet
+quantized through ``U``'s row (lazy batch updates). A group's scale and zero point are set with
+:func:`qparams` from the min/max of its current, error-updated columns when its first column
+comes up. With ``true_sequential`` the linears are done in input groups (q/k/v, o, gate/up,
+down), each group's Hessian taken with the groups before it already quantized.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from omniquant.errors import UserError
+from omniquant.methods.base import MethodContext, QuantResult
+from omniquant.methods.blockwise import INPUT_GROUPS, QParams, Rope, forward, method_config, quantize_blocks
+from omniquant.quantizer import QuantSpec, qparams
+from omniquant.setting import QuantSetting
+
+
+@dataclass(frozen=True)
+class GPTQConfig:
+    percdamp: float = 0.01  # λ = percdamp · mean(diag H)
+    block_size: int = 128  # lazy-batch width
+    act_order: bool = False  # columns by decreasing diag H; group parameters then static (from W)
+    true_sequential: bool = True
+
+    def __post_init__(self) -> None:
+        if self.percdamp <= 0 or self.block_size < 1:
+            raise UserError(f"gptq: percdamp={self.percdamp}, block_size={self.block_size}: need percdamp > 0, "
+                            "block_size >= 1")
+
+
+@torch.no_grad()
+def gptq(weight: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec,
+         cfg: GPTQConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Quantized weight ``[out, in]`` on ``spec``'s grid, with its scales and zeros ``[out, n_groups]``."""
+    w = weight.detach().float().clone()
+    h = hessian.float().clone()
+    rows, cols = w.shape
+    g = spec.group_size or cols
+    scales = w.new_empty(rows, -(-cols // g))
+    zeros = torch.empty_like(scales)
+
+    def set_group(k: int, current: torch.Tensor) -> None:
+        cols_k = current[:, k * g:(k + 1) * g]
+        scales[:, k], zeros[:, k] = qparams(cols_k.amin(1), cols_k.amax(1), spec)
+
+    dead = h.diagonal() == 0  # inputs that are always zero
+    h.diagonal()[dead] = 1
+    w[:, dead] = 0
+    if cfg.act_order:
+        for k in range(scales.shape[1]):
+            set_group(k, w)
+        perm = torch.argsort(h.diagonal(), descending=True)
+        w, h = w[:, perm], h[perm][:, perm]
+    else:
+        perm = torch.arange(cols, device=w.device)
+    h.diagonal().add_(cfg.percdamp * h.diagonal().mean())
+    u = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    group_of = (perm // g).tolist()
+    # Lazy batches hold whole groups, so a group's min/max sees all updates made so far.
+    batch = g * max(1, cfg.block_size // g) if spec.group_size and not cfg.act_order else cfg.block_size
+    q = torch.zeros_like(w)
+    for i1 in range(0, cols, batch):
+        i2 = min(i1 + batch, cols)
+        err = w.new_zeros(rows, i2 - i1)
+        for j in range(i1, i2):
+            if not cfg.act_order and j % g == 0:
+                set_group(j // g, w)
+            s, z = scales[:, group_of[j]], zeros[:, group_of[j]]
+            q[:, j] = (torch.clamp(torch.round(w[:, j] / s) + z, 0, spec.qmax) - z) * s
+            e = (w[:, j] - q[:, j]) / u[j, j]
+            w[:, j:i2] -= e[:, None] * u[j, j:i2][None]
+            err[:, j - i1] = e
+        w[:, i2:] -= err @ u[i1:i2, i2:]
+    return q[:, torch.argsort(perm)], scales, zeros
+
+
+@torch.no_grad()
+def hessians(layer: nn.Module, names: Sequence[str], x: torch.Tensor, pe: Rope) -> dict[str, torch.Tensor]:
+    """``2/n Σ x xᵀ`` over the ``n`` calibration tokens entering each named linear of ``layer``."""
+    sums: dict[str, torch.Tensor] = {}
+    counts = dict.fromkeys(names, 0)
+
+    def accumulate(name: str):
+        def fn(inp: torch.Tensor) -> None:
+            flat = inp.reshape(-1, inp.shape[-1]).float()
+            sums[name] = sums[name] + flat.T @ flat if name in sums else flat.T @ flat
+            counts[name] += flat.shape[0]
+
+        return fn
+
+    forward(layer, x, pe, {layer.get_submodule(name): accumulate(name) for name in names})
+    return {name: 2 * sums[name] / counts[name] for name in names}
+
+
+def _quantize_block(prefix: str, layer: nn.Module, x: torch.Tensor, pe: Rope, spec: QuantSpec,
+                    cfg: GPTQConfig) -> QParams:
+    """GPTQ every linear of one layer in place."""
+    steps = [[group] for group in INPUT_GROUPS] if cfg.true_sequential else [list(INPUT_GROUPS)]
+    out: QParams = {}
+    for step in steps:
+        h = hessians(layer, [group[0] for group in step], x, pe)
+        for group in step:
+            for name in group:
+                linear = layer.get_submodule(name)
+                try:
+                    w, scales, zeros = gptq(linear.weight, h[group[0]], spec, cfg)
+                except torch.linalg.LinAlgError:
+                    raise UserError(f"gptq: the damped Hessian of {prefix}.{name} is not positive definite; "
+                                    f"raise method.percdamp (now {cfg.percdamp})") from None
+                linear.weight.copy_(w)
+                out[name] = {"scales": scales, "zeros": zeros}
+    return out
+
+
+def quantize(model: nn.Module, setting: QuantSetting, cfg: Mapping[str, Any], calib: torch.Tensor,
+             ctx: MethodContext) -> QuantResult:
+    """GPTQ weights for every decoder-block linear; per-token activations if the setting has them."""
+    block = partial(_quantize_block, spec=setting.weight_spec, cfg=method_config(GPTQConfig, cfg))
+    return QuantResult(qparams=quantize_blocks(model, setting, calib, ctx, block, "gptq"))
