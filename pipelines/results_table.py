@@ -20,11 +20,15 @@ COLUMNS = [
 ]
 SETTING_ORDER = ["fp16", "w4a16g128", "w4a16", "w3a16g128", "w3a16", "w2a16g128", "w2a16g64", "w2a16",
                  "w8a8", "w6a6", "w4a8", "w4a4"]
+METHOD_ORDER = ["fp", "rtn", "gptq", "awq", "smoothquant", "omniquant"]
+
+
+def _rank(order: list[str], value: str) -> int:
+    return order.index(value) if value in order else len(order)
 
 
 def _key(m: dict) -> tuple:
-    setting = m["setting"]
-    return (m["model"], SETTING_ORDER.index(setting) if setting in SETTING_ORDER else 99, setting, m["method"])
+    return (m["model"], _rank(SETTING_ORDER, m["setting"]), m["setting"], _rank(METHOD_ORDER, m["method"]))
 
 
 def render(root: Path) -> str:
