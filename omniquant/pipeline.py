@@ -249,10 +249,15 @@ def _flat_qparams(qparams: dict) -> dict[str, torch.Tensor]:
     return {f"{name}.{key}": t.contiguous() for name, d in qparams.items() for key, t in d.items()}
 
 
+def _check_eval_data(cfg: DictConfig) -> Path | None:
+    """Fail early (before loading anything) if an evaluation split is missing under the data root."""
+    return _check_data(cfg, [(name, datalib.dataset(name).eval_split) for name in cfg.eval.datasets])
+
+
 def evaluate_perplexity(cfg: DictConfig, model, tokenizer, model_name: str) -> dict[str, Any]:
     """``<dataset>_ppl`` and ``<dataset>_windows`` for every dataset in ``eval.datasets``."""
     ev = cfg.eval
-    root = _check_data(cfg, [(name, datalib.dataset(name).eval_split) for name in ev.datasets])
+    root = _check_eval_data(cfg)
     results: dict[str, Any] = {"eval_seqlen": int(ev.seqlen)}
     for name in ev.datasets:
         tokens = datalib.eval_tokens(name, tokenizer, int(ev.seqlen), root)
@@ -264,8 +269,9 @@ def evaluate_perplexity(cfg: DictConfig, model, tokenizer, model_name: str) -> d
     return results
 
 
-def _finish(cfg: DictConfig, cell: Cell, results: dict[str, Any], blocks: list[dict] | None = None) -> dict[str, Any]:
-    """Write the cell's metrics JSON and log the run (and per-block calibration curves) to MLflow."""
+def _finish(cfg: DictConfig, cell: Cell, results: dict[str, Any], record: dict[str, Any]) -> dict[str, Any]:
+    """Merge the quant record, write the cell's metrics JSON, log the run (and calibration curves) to MLflow."""
+    results = results | {k: record[k] for k in RECORD_METRICS if k in record} | {"eval_peak_rss_gb": peak_rss_gb()}
     metrics = {"model": cell.model, "setting": cell.setting.name, "method": cell.method} | results
     grid = cfg.model.get("weight_grid")
     if grid:
@@ -280,7 +286,7 @@ def _finish(cfg: DictConfig, cell: Cell, results: dict[str, Any], blocks: list[d
             experiment=str(cfg.mlflow.experiment),
             tracking_uri=str(cfg.mlflow.tracking_uri),
             tags={"model": cell.model, "setting": cell.setting.name, "method": cell.method, "stage": "eval_ppl"},
-            blocks=blocks,
+            blocks=record.get("blocks"),
         )
     return metrics
 
@@ -291,26 +297,20 @@ def eval_ppl(cfg: DictConfig) -> dict[str, Any]:
     record_file = cell.quantized_dir / RECORD
     if not record_file.is_file():
         raise UserError(f"{record_file} not found: run the quantize stage for {cell.run_name} first")
-    _check_data(cfg, [(name, datalib.dataset(name).eval_split) for name in cfg.eval.datasets])
+    _check_eval_data(cfg)
     record = read_json(record_file)
     model, tokenizer = _load(cfg, record.get("checkpoint") or str(cell.quantized_dir))
     if cell.setting.act_spec is not None and cell.method != "fp":
         attach_act_quant(model, cell.setting.act_spec)  # weights are fake-quantized; activations too
-    results = evaluate_perplexity(cfg, model, tokenizer, cell.model)
-    results |= {k: record[k] for k in RECORD_METRICS if k in record}
-    results["eval_peak_rss_gb"] = peak_rss_gb()
-    return _finish(cfg, cell, results, record.get("blocks"))
+    return _finish(cfg, cell, evaluate_perplexity(cfg, model, tokenizer, cell.model), record)
 
 
 def run_cell(cfg: DictConfig) -> dict[str, Any]:
     """All stages for one cell in memory (Hydra multirun entry); no checkpoint is written."""
     cell = cell_of(cfg)
-    _check_data(cfg, [(name, datalib.dataset(name).eval_split) for name in cfg.eval.datasets])
+    _check_eval_data(cfg)
     model, tokenizer = _load(cfg, _base_checkpoint(cfg), torch.device("cpu"))
     calib = sample_calibration(cfg, tokenizer) if cell.method in methods.NEEDS_CALIBRATION else None
     _, record = _quantize_in_memory(cfg, cell, model, calib)
     model.to(device_of(cfg))
-    results = evaluate_perplexity(cfg, model, tokenizer, cell.model)
-    results |= {k: record[k] for k in RECORD_METRICS if k in record}
-    results["eval_peak_rss_gb"] = peak_rss_gb()
-    return _finish(cfg, cell, results, record.get("blocks"))
+    return _finish(cfg, cell, evaluate_perplexity(cfg, model, tokenizer, cell.model), record)
