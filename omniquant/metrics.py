@@ -31,6 +31,7 @@ def read_json(path: str | Path) -> dict[str, Any]:
         return json.load(fh)
 
 
-def metrics_path(root: str | Path, model: str, setting: str, method: str) -> Path:
-    """``metrics/<model>/<setting>/<method>.json`` under ``root``."""
-    return Path(root) / "metrics" / model / setting / f"{method}.json"
+def metrics_path(root: str | Path, model: str, setting: str, method: str, kind: str = "ppl") -> Path:
+    """``metrics/<model>/<setting>/<method>.json`` (perplexity) or ``<method>.<kind>.json`` under ``root``."""
+    suffix = "" if kind == "ppl" else f".{kind}"
+    return Path(root) / "metrics" / model / setting / f"{method}{suffix}.json"

@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 
 from omniquant import act_stats as act_stats_lib
 from omniquant import data as datalib
-from omniquant import methods, models
+from omniquant import methods, models, zeroshot
 from omniquant.block import attach_act_quant, plain_layers
 from omniquant.methods.base import QuantResult
 from omniquant.errors import UserError
@@ -177,11 +177,13 @@ def _method_context(cfg: DictConfig, cell: Cell, model, calib: torch.Tensor | No
     if calib is None:
         raise UserError(f"method={cell.method} needs calibration data: run the calib_data stage first")
     overrides = OmegaConf.to_container(cfg.quant.get(cell.method) or OmegaConf.create({}), resolve=True)
-    if cell.act_stats_file.is_file():
-        stats = load_file(str(cell.act_stats_file))
-    else:
-        stats = act_stats_lib.collect(model.to(device_of(cfg)), calib)
-        model.to("cpu")
+    stats = None
+    if cell.method in methods.NEEDS_ACT_STATS:
+        if cell.act_stats_file.is_file():
+            stats = load_file(str(cell.act_stats_file))
+        else:
+            stats = act_stats_lib.collect(model.to(device_of(cfg)), calib)
+            model.to("cpu")
     saved = cfg.method.get("resume_params")
     if saved and not Path(saved).is_file():
         raise UserError(f"method.resume_params={saved} does not exist")
@@ -269,14 +271,18 @@ def evaluate_perplexity(cfg: DictConfig, model, tokenizer, model_name: str) -> d
     return results
 
 
-def _finish(cfg: DictConfig, cell: Cell, results: dict[str, Any], record: dict[str, Any]) -> dict[str, Any]:
-    """Merge the quant record, write the cell's metrics JSON, log the run (and calibration curves) to MLflow."""
+def _finish(cfg: DictConfig, cell: Cell, results: dict[str, Any], record: dict[str, Any],
+            kind: str = "ppl") -> dict[str, Any]:
+    """Merge the quant record, write the cell's metrics JSON (``kind``: ppl or zeroshot), log it to MLflow.
+
+    Zero-shot metrics go into the MLflow run of the cell's perplexity evaluation when there is one.
+    """
     results = results | {k: record[k] for k in RECORD_METRICS if k in record} | {"eval_peak_rss_gb": peak_rss_gb()}
     metrics = {"model": cell.model, "setting": cell.setting.name, "method": cell.method} | results
     grid = cfg.model.get("weight_grid")
     if grid:
         metrics["model_weight_grid"] = str(grid)
-    write_json(cell.metrics_file, metrics)
+    write_json(metrics_path(cell.out, cell.model, cell.setting.name, cell.method, kind), metrics)
     if cfg.mlflow.enabled:
         config = OmegaConf.to_container(cfg, resolve=True)
         log_run(
@@ -285,32 +291,70 @@ def _finish(cfg: DictConfig, cell: Cell, results: dict[str, Any], record: dict[s
             metrics,
             experiment=str(cfg.mlflow.experiment),
             tracking_uri=str(cfg.mlflow.tracking_uri),
-            tags={"model": cell.model, "setting": cell.setting.name, "method": cell.method, "stage": "eval_ppl"},
+            tags={"model": cell.model, "setting": cell.setting.name, "method": cell.method, "stage": f"eval_{kind}"},
             blocks=record.get("blocks"),
+            artifact="metrics.json" if kind == "ppl" else f"{kind}.json",
+            join_existing=kind != "ppl",
         )
     return metrics
+
+
+def _load_evaluated(cfg: DictConfig, cell: Cell) -> tuple[Any, Any, dict[str, Any]]:
+    """The cell's model as the quantize stage left it (the base checkpoint for ``method=fp``), with its record."""
+    if cell.method == "fp":
+        record: dict[str, Any] = {"checkpoint": _base_checkpoint(cfg)}
+    else:
+        record_file = cell.quantized_dir / RECORD
+        if not record_file.is_file():
+            raise UserError(f"{record_file} not found: run the quantize stage for {cell.run_name} first")
+        record = read_json(record_file)
+    model, tokenizer = _load(cfg, record.get("checkpoint") or str(cell.quantized_dir))
+    if cell.setting.act_spec is not None and cell.method != "fp":
+        attach_act_quant(model, cell.setting.act_spec)  # weights are fake-quantized; activations too
+    return model, tokenizer, record
 
 
 def eval_ppl(cfg: DictConfig) -> dict[str, Any]:
     """Evaluate the quantize stage's checkpoint; write ``metrics/<model>/<setting>/<method>.json``."""
     cell = cell_of(cfg)
-    record_file = cell.quantized_dir / RECORD
-    if not record_file.is_file():
-        raise UserError(f"{record_file} not found: run the quantize stage for {cell.run_name} first")
     _check_eval_data(cfg)
-    record = read_json(record_file)
-    model, tokenizer = _load(cfg, record.get("checkpoint") or str(cell.quantized_dir))
-    if cell.setting.act_spec is not None and cell.method != "fp":
-        attach_act_quant(model, cell.setting.act_spec)  # weights are fake-quantized; activations too
+    model, tokenizer, record = _load_evaluated(cfg, cell)
     return _finish(cfg, cell, evaluate_perplexity(cfg, model, tokenizer, cell.model), record)
+
+
+def _zeroshot_root(cfg: DictConfig) -> Path | None:
+    zs = cfg.eval.zeroshot
+    zeroshot.validate(list(zs.tasks), str(zs.metric))
+    return datalib.data_root(cfg.data.root)
+
+
+def evaluate_zeroshot(cfg: DictConfig, model, tokenizer) -> dict[str, Any]:
+    """Zero-shot metrics (``<task>_acc``, ``<task>_acc_norm``, ``zeroshot_avg``) for ``eval.zeroshot``."""
+    zs = cfg.eval.zeroshot
+    limit = None if zs.limit is None else int(zs.limit)
+    return zeroshot.evaluate(model, tokenizer, list(zs.tasks), _zeroshot_root(cfg), limit=limit,
+                             batch_size=int(zs.batch_size), metric=str(zs.metric), device=device_of(cfg))
+
+
+def eval_zeroshot(cfg: DictConfig) -> dict[str, Any]:
+    """Zero-shot accuracy of the cell's model; writes ``metrics/<model>/<setting>/<method>.zeroshot.json``."""
+    cell = cell_of(cfg)
+    _zeroshot_root(cfg)
+    model, tokenizer, record = _load_evaluated(cfg, cell)
+    return _finish(cfg, cell, evaluate_zeroshot(cfg, model, tokenizer), record, kind="zeroshot")
 
 
 def run_cell(cfg: DictConfig) -> dict[str, Any]:
     """All stages for one cell in memory (Hydra multirun entry); no checkpoint is written."""
     cell = cell_of(cfg)
     _check_eval_data(cfg)
+    if cfg.eval.zeroshot.enabled:
+        _zeroshot_root(cfg)
     model, tokenizer = _load(cfg, _base_checkpoint(cfg), torch.device("cpu"))
     calib = sample_calibration(cfg, tokenizer) if cell.method in methods.NEEDS_CALIBRATION else None
     _, record = _quantize_in_memory(cfg, cell, model, calib)
     model.to(device_of(cfg))
-    return _finish(cfg, cell, evaluate_perplexity(cfg, model, tokenizer, cell.model), record)
+    metrics = _finish(cfg, cell, evaluate_perplexity(cfg, model, tokenizer, cell.model), record)
+    if cfg.eval.zeroshot.enabled:
+        metrics |= _finish(cfg, cell, evaluate_zeroshot(cfg, model, tokenizer), record, kind="zeroshot")
+    return metrics

@@ -28,23 +28,44 @@ def log_run(
     tracking_uri: str | None = None,
     tags: Mapping[str, str] | None = None,
     blocks: list[Mapping[str, Any]] | None = None,
+    artifact: str = "metrics.json",
+    join_existing: bool = False,
 ) -> str:
-    """Log one run; returns its run id. ``MLFLOW_TRACKING_URI`` overrides ``tracking_uri``."""
+    """Log one run; returns its run id. ``MLFLOW_TRACKING_URI`` overrides ``tracking_uri``.
+
+    ``join_existing``: add the metrics to the latest run of that name (another evaluation of the
+    same cell) instead of starting a new one; its params are kept.
+    """
     os.environ.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
     import mlflow
 
     mlflow.set_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI") or tracking_uri or DEFAULT_TRACKING_URI)
     mlflow.set_experiment(experiment)
     numeric = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    existing = _latest_run_id(mlflow, experiment, run_name) if join_existing else None
+    if existing:
+        with mlflow.start_run(run_id=existing) as run:
+            mlflow.log_metrics(numeric)
+            mlflow.log_dict(dict(metrics), artifact)
+            return run.info.run_id
     with mlflow.start_run(run_name=run_name, tags=dict(tags or {})) as run:
         params = {k: "null" if v is None else str(v)[:6000] for k, v in flatten(config).items()}
         mlflow.log_params(params)
         mlflow.log_metrics(numeric)
-        mlflow.log_dict(dict(metrics), "metrics.json")
+        mlflow.log_dict(dict(metrics), artifact)
         mlflow.log_dict(dict(config), "config/resolved.yaml")
         if blocks:
             _log_blocks(mlflow, blocks)
         return run.info.run_id
+
+
+def _latest_run_id(mlflow, experiment: str, run_name: str) -> str | None:
+    exp = mlflow.get_experiment_by_name(experiment)
+    if exp is None:
+        return None
+    runs = mlflow.search_runs([exp.experiment_id], filter_string=f"attributes.run_name = '{run_name}'",
+                              order_by=["attributes.start_time DESC"], max_results=1, output_format="list")
+    return runs[0].info.run_id if runs else None
 
 
 def _log_blocks(mlflow, blocks: list[Mapping[str, Any]]) -> None:

@@ -14,7 +14,7 @@ from omniquant.errors import UserError
 from omniquant.methods import awq, fp, gptq, omniquant, rtn, smoothquant
 from omniquant.methods.base import MethodContext, QuantResult
 
-__all__ = ["METHODS", "NEEDS_CALIBRATION", "MethodContext", "QuantResult", "quantize_", "validate"]
+__all__ = ["METHODS", "NEEDS_ACT_STATS", "NEEDS_CALIBRATION", "MethodContext", "QuantResult", "quantize_", "validate"]
 from omniquant.setting import QuantSetting
 
 Method = Callable[[nn.Module, QuantSetting, Mapping[str, Any], torch.Tensor | None, MethodContext], QuantResult]
@@ -24,6 +24,7 @@ Method = Callable[[nn.Module, QuantSetting, Mapping[str, Any], torch.Tensor | No
 METHODS: dict[str, Method] = {"fp": fp.quantize, "rtn": rtn.quantize, "omniquant": omniquant.quantize,
                               "gptq": gptq.quantize, "awq": awq.quantize, "smoothquant": smoothquant.quantize}
 NEEDS_CALIBRATION = {"omniquant", "gptq", "awq", "smoothquant"}
+NEEDS_ACT_STATS = {"omniquant", "smoothquant"}  # per-channel activation maxima (LET init, smoothing)
 
 
 def validate(name: str, setting: QuantSetting) -> None:

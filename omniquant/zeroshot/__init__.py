@@ -1,0 +1,96 @@
+"""Zero-shot accuracy with lm-evaluation-harness 0.4 over an in-memory model (the paper's Table 2).
+
+Task definitions live in ``tasks/`` (the stock lm-eval prompts, targets, choices and metrics);
+their documents come from the local files under the data root (:mod:`.sources`), or, with no data
+root, lm-eval's stock tasks load them from the HF hub. A task whose files are missing is skipped
+with a message and recorded in ``zeroshot_skipped``; the others still run.
+"""
+from __future__ import annotations
+
+import time
+from functools import partial
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from omniquant.errors import UserError
+from omniquant.zeroshot import sources
+
+TASKS: tuple[str, ...] = tuple(sources.FILES)
+AVERAGED = ("piqa", "arc_easy", "arc_challenge", "boolq", "hellaswag", "winogrande")  # the paper's six
+METRICS = ("acc", "acc_norm")
+TASK_DIR = Path(__file__).resolve().parent / "tasks"
+
+
+def result_key(task: str, local: bool) -> str:
+    """Metric-key prefix: a task read from a derived local copy is labelled ``<task>_derived``."""
+    return f"{task}_derived" if local and task in sources.DERIVED else task
+
+
+def validate(tasks: Sequence[str], metric: str) -> None:
+    unknown = [t for t in tasks if t not in TASKS]
+    if unknown:
+        raise UserError(f"eval.zeroshot.tasks: unknown {', '.join(unknown)}; available: {', '.join(TASKS)}")
+    if metric not in METRICS:
+        raise UserError(f"eval.zeroshot.metric={metric!r}; use one of {', '.join(METRICS)}")
+
+
+def _local_dataset(task: str, root: Path, **_metadata: Any):
+    return sources.load(task, root)
+
+
+def task_config(task: str, root: Path | None) -> dict[str, Any] | str:
+    """Our definition of ``task`` reading the local files, or the stock task name (hub) without a root."""
+    if root is None:
+        return task
+    from lm_eval.tasks._yaml_loader import load_yaml
+
+    cfg = load_yaml(TASK_DIR / f"{task}.yaml")
+    cfg["custom_dataset"] = partial(_local_dataset, task, Path(root))
+    return cfg
+
+
+def evaluate(model: nn.Module, tokenizer, tasks: Sequence[str], root: Path | None, *, limit: int | None,
+             batch_size: int, metric: str, device: torch.device) -> dict[str, Any]:
+    """``<task>_acc``, ``<task>_acc_norm`` (where the task defines it), ``zeroshot_avg`` and bookkeeping."""
+    validate(tasks, metric)
+    skipped: dict[str, str] = {}
+    present = []
+    for task in tasks:
+        missing = sources.missing_files(task, root) if root is not None else []
+        if missing:
+            skipped[task] = f"missing {missing[0]}"
+            print(f"omniquant: zero-shot: skipping {task}: missing data file {missing[0]}")
+        else:
+            present.append(task)
+    results: dict[str, Any] = {"zeroshot_limit": limit, "zeroshot_skipped": skipped, "zeroshot_metric": metric}
+    if root is not None and any(t in sources.DERIVED for t in present):
+        results["zeroshot_derived"] = {t: sources.DERIVED[t] for t in present if t in sources.DERIVED}
+    if not present:
+        return results
+    import lm_eval
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    start = time.perf_counter()
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(device))
+    out = lm_eval.simple_evaluate(model=lm, tasks=[task_config(t, root) for t in present], num_fewshot=0,
+                                  limit=limit, task_manager=TaskManager(), log_samples=False,
+                                  bootstrap_iters=1000, random_seed=0, numpy_random_seed=0, torch_random_seed=0)
+    results["zeroshot_seconds"] = time.perf_counter() - start
+    averaged = []
+    for task in present:
+        res, key = out["results"][task], result_key(task, root is not None)
+        for name in (*METRICS, "perplexity"):
+            if f"{name},none" in res:
+                short = "ppl" if name == "perplexity" else name
+                results[f"{key}_{short}"] = float(res[f"{name},none"])
+        results[f"{key}_n"] = int(out["n-samples"][task]["effective"])
+        if task in AVERAGED:
+            averaged.append(results.get(f"{key}_{metric}", results[f"{key}_acc"]))
+    if averaged:
+        results["zeroshot_avg"] = sum(averaged) / len(averaged)
+        results["zeroshot_avg_tasks"] = [result_key(t, root is not None) for t in present if t in AVERAGED]
+    return results
