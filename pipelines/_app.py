@@ -13,7 +13,7 @@ CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
 def unknown_group_option(argv: list[str], conf_dir: Path = CONF_DIR) -> str | None:
     """One-line message for ``group=option`` overrides naming a config file that does not exist."""
-    groups = {p.name for p in conf_dir.iterdir() if p.is_dir()}
+    groups = {p.relative_to(conf_dir).as_posix() for p in conf_dir.rglob("*") if p.is_dir()}  # eval/zeroshot too
     for arg in argv:
         key, sep, value = arg.partition("=")
         if not sep or key not in groups:

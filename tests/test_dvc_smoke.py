@@ -34,11 +34,16 @@ def test_dvc_repro_smoke_grid(tmp_path, data_root):
     run(*dvc, "init", "-q")
     run(sys.executable, "-m", "pipelines.compose_params", "grid=smoke")
     run(*dvc, "repro")
-    cells = [("w4a16g128", "rtn"), ("w4a16g128", "omniquant"), ("w4a4", "rtn"), ("w4a4", "omniquant"), ("fp16", "fp")]
+    cells = [("w4a16g128", "rtn"), ("w4a16g128", "omniquant"), ("w4a4", "rtn"), ("w4a4", "smoothquant"),
+             ("w4a4", "omniquant"), ("fp16", "fp")]
     for setting, method in cells:
         metrics = json.loads((work / "metrics" / "tiny-llama" / setting / f"{method}.json").read_text())
         assert (metrics["model"], metrics["setting"], metrics["method"]) == ("tiny-llama", setting, method)
         assert metrics["wikitext2_windows"] == 2 and metrics["wikitext2_ppl"] > 1
+    for setting, method in (("fp16", "fp"), ("w4a4", "omniquant")):  # the smoke grid's zero-shot cells
+        zs = json.loads((work / "metrics" / "tiny-llama" / setting / f"{method}.zeroshot.json").read_text())
+        assert zs["winogrande_n"] == 2 and zs["zeroshot_limit"] == 2 and 0 <= zs["zeroshot_avg"] <= 1
+    assert not (work / "metrics" / "tiny-llama" / "w4a4" / "rtn.zeroshot.json").exists()
     assert (work / "dvc.lock").is_file()
     assert (work / "artifacts/act_stats/tiny-llama/act_stats.safetensors").is_file()
     assert (work / "artifacts/quantized/tiny-llama/w4a4/omniquant/omni_parameters.safetensors").is_file()

@@ -68,6 +68,8 @@ def test_unknown_group_option_is_reported():
     assert unknown_group_option(["method=rtn", "quant=w4a16g128,w3a16g128"], CONF) is None
     assert "unknown method 'foo'" in unknown_group_option(["method=foo"], CONF)
     assert "available" in unknown_group_option(["quant=w4a16g128,w9"], CONF)
+    assert unknown_group_option(["eval/zeroshot=default"], CONF) is None
+    assert "unknown eval/zeroshot 'full'; available: default" in unknown_group_option(["eval/zeroshot=full"], CONF)
 
 
 def _run_stage(stage, tmp_path, *overrides, env_extra=None):

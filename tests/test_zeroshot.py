@@ -1,0 +1,118 @@
+"""Zero-shot evaluation: local task files, definitions equal to lm-eval's stock ones, the stage."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from omniquant.zeroshot import AVERAGED, TASKS, evaluate, sources, task_config
+
+DOCS = 5  # documents compared per task
+
+
+@pytest.fixture(scope="module")
+def manager():
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager()
+
+
+def _task(manager, cfg):
+    return manager.load(cfg)["tasks"][cfg["task"]]
+
+
+def _stock_config(manager, task: str, root) -> dict:
+    """lm-eval's own definition of ``task``, fed our local documents instead of the hub dataset."""
+    from lm_eval.tasks._yaml_loader import load_yaml
+
+    cfg = load_yaml(manager.task_index[task].yaml_path)
+    cfg.pop("training_split", None)  # only the evaluated split exists locally
+    if cfg.get("test_split"):
+        cfg.pop("validation_split", None)
+    cfg["custom_dataset"] = task_config(task, root)["custom_dataset"]
+    return cfg
+
+
+def _requests(task) -> list[tuple]:
+    task.build_all_requests(limit=DOCS, rank=0, world_size=1)
+    return [(inst.request_type, inst.arguments, inst.doc_id) for inst in task.instances]
+
+
+@pytest.mark.parametrize("name", TASKS)
+def test_local_definitions_render_the_stock_requests(name, data_root, manager):
+    ours, stock = _task(manager, task_config(name, data_root)), _task(manager, _stock_config(manager, name, data_root))
+    assert _requests(ours) == _requests(stock)  # same contexts, continuations (targets and choices)
+    docs = list(ours.eval_docs)[:DOCS]
+    assert [ours.doc_to_target(d) for d in docs] == [stock.doc_to_target(d) for d in docs]
+    assert ours.config.output_type == stock.config.output_type
+    assert [m["metric"] for m in ours.config.metric_list] == [m["metric"] for m in stock.config.metric_list]
+
+
+@pytest.mark.parametrize("name,rows", [("piqa", 1838), ("arc_easy", 2376), ("arc_challenge", 1172), ("boolq", 3270),
+                                       ("hellaswag", 10042), ("winogrande", 1267), ("lambada_openai", 5153)])
+def test_local_files_give_the_canonical_split_sizes(name, rows, data_root):
+    (split, ds), = sources.load(name, data_root).items()
+    assert len(ds) == rows
+
+
+def test_local_documents_have_the_stock_schema(data_root):
+    hs = sources.load("hellaswag", data_root)["validation"][0]
+    assert hs["activity_label"] == "Roof shingle removal" and hs["ctx_a"] == "A man is sitting on a roof. he"
+    assert hs["endings"][int(hs["label"])] == "starts pulling up roofing on a roof."
+    boolq = sources.load("boolq", data_root)["validation"][0]
+    assert boolq["passage"].startswith("Ethanol fuel -- ") and boolq["label"] == 0
+    arc = sources.load("arc_challenge", data_root)["test"][0]
+    assert arc["id"] == "Mercury_7175875" and arc["choices"]["label"].index(arc["answerKey"]) == 2
+    wino = sources.load("winogrande", data_root)["validation"][0]
+    assert wino["answer"] == "2" and wino["option2"] == "Maria"
+
+
+@pytest.fixture(scope="module")
+def tiny_zeroshot(data_root):
+    from omniquant.models.tiny import tiny_llama
+
+    model, tokenizer = tiny_llama(num_key_value_heads=2)
+    return evaluate(model, tokenizer, TASKS, data_root, limit=3, batch_size=4, metric="acc_norm",
+                    device=torch.device("cpu"))
+
+
+def test_tiny_model_runs_every_local_task(tiny_zeroshot):
+    res = tiny_zeroshot
+    assert res["zeroshot_skipped"] == {}
+    for name in TASKS:
+        key = "hellaswag_derived" if name == "hellaswag" else name
+        assert res[f"{key}_n"] == 3 and 0 <= res[f"{key}_acc"] <= 1
+    for key in ("piqa", "arc_easy", "arc_challenge", "hellaswag_derived"):
+        assert 0 <= res[f"{key}_acc_norm"] <= 1
+    assert "hellaswag" in res["zeroshot_derived"] and res["lambada_openai_ppl"] > 1
+    # the average over the paper's six tasks takes acc_norm where a task has it, else acc
+    picked = [res.get(f"{k}_acc_norm", res[f"{k}_acc"]) for k in res["zeroshot_avg_tasks"]]
+    assert len(picked) == len(AVERAGED) and math.isclose(res["zeroshot_avg"], sum(picked) / len(picked))
+
+
+def test_missing_task_file_is_skipped_and_recorded(tmp_path, data_root, capsys):
+    from omniquant.models.tiny import tiny_llama
+
+    (tmp_path / "piqa").mkdir()
+    for rel in sources.FILES["piqa"]:
+        (tmp_path / rel).symlink_to(data_root / rel)
+    model, tokenizer = tiny_llama(num_key_value_heads=2)
+    res = evaluate(model, tokenizer, ["piqa", "boolq"], tmp_path, limit=2, batch_size=2, metric="acc",
+                   device=torch.device("cpu"))
+    assert res["piqa_n"] == 2 and "boolq_acc" not in res
+    assert res["zeroshot_skipped"] == {"boolq": f"missing {tmp_path / 'boolq/dev.jsonl'}"}
+    assert "skipping boolq: missing data file" in capsys.readouterr().out
+
+
+def test_eval_zeroshot_stage_writes_metrics(make_cfg, data_root, tmp_path):
+    from omniquant import pipeline
+
+    cfg = make_cfg("model=tiny-llama", "quant=fp16", "method=fp", "eval.zeroshot.limit=2", f"data.root={data_root}",
+                   "eval.zeroshot.tasks=[winogrande,arc_easy]")
+    metrics = pipeline.eval_zeroshot(cfg)
+    saved = json.loads((tmp_path / "metrics/tiny-llama/fp16/fp.zeroshot.json").read_text())
+    assert saved == json.loads(json.dumps(metrics))
+    assert (saved["model"], saved["setting"], saved["method"]) == ("tiny-llama", "fp16", "fp")
+    assert saved["zeroshot_avg"] == pytest.approx((saved["winogrande_acc"] + saved["arc_easy_acc"]) / 2)
