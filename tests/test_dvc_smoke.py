@@ -26,7 +26,7 @@ def test_dvc_repro_smoke_grid(tmp_path, data_root):
     dvc = [sys.executable, "-m", "dvc"]
 
     def run(*cmd):
-        proc = subprocess.run(cmd, cwd=work, env=env, capture_output=True, text=True, timeout=600)
+        proc = subprocess.run(cmd, cwd=work, env=env, capture_output=True, text=True, timeout=1500)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
         return proc.stdout
 

@@ -28,7 +28,7 @@ from omniquant.setting import QuantSetting
 class GPTQConfig:
     percdamp: float = 0.01  # λ = percdamp · mean(diag H)
     block_size: int = 128  # lazy-batch width
-    act_order: bool = False  # columns by decreasing diag H; group parameters then static (from W)
+    act_order: bool = True  # static act-order: columns by decreasing diag H, group parameters from the unquantized W
     true_sequential: bool = True
 
     def __post_init__(self) -> None:
