@@ -25,7 +25,8 @@ from omniquant.errors import UserError
 from omniquant.metrics import metrics_path, peak_rss_gb, read_json, write_json
 from omniquant.perplexity import perplexity
 from omniquant.setting import QuantSetting
-from omniquant.tracking import log_run
+from omniquant import tables as tables_lib
+from omniquant.tracking import log_run, log_tables
 
 RECORD = "quant_record.json"
 RECORD_METRICS = ("quant_seconds", "peak_rss_gb", "peak_mem_gb", "nan_retries", "calib_epochs", "calib_batch_size",
@@ -342,6 +343,20 @@ def eval_zeroshot(cfg: DictConfig) -> dict[str, Any]:
     _zeroshot_root(cfg)
     model, tokenizer, record = _load_evaluated(cfg, cell)
     return _finish(cfg, cell, evaluate_zeroshot(cfg, model, tokenizer), record, kind="zeroshot")
+
+
+def tables(cfg: DictConfig) -> list[Path]:
+    """Tables 1, 2 and A1 (Markdown, CSV) and the perplexity plot from ``<paths.out>/metrics`` into ``<paths.out>/results``."""
+    zeroshot.validate(list(cfg.eval.zeroshot.tasks), str(cfg.eval.zeroshot.metric))
+    root = Path(cfg.paths.out)
+    if not (root / "metrics").is_dir():
+        raise UserError(f"{root / 'metrics'} not found: run the evaluation stages first")
+    written = tables_lib.write_tables(root / "metrics", root / "results", str(cfg.eval.zeroshot.metric))
+    if cfg.mlflow.enabled:
+        log_tables(written, experiment=str(cfg.mlflow.experiment), tracking_uri=str(cfg.mlflow.tracking_uri))
+    for path in written:
+        print(f"wrote {path}")
+    return written
 
 
 def run_cell(cfg: DictConfig) -> dict[str, Any]:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any, Mapping
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
@@ -79,3 +80,23 @@ def _log_blocks(mlflow, blocks: list[Mapping[str, Any]]) -> None:
         if rec.get("epoch_loss"):
             mlflow.log_metric("block_final_loss", float(rec["epoch_loss"][-1]), step=i)
     mlflow.log_dict({"blocks": list(blocks)}, "calibration/blocks.json")
+
+
+def log_tables(files: list[Path], *, experiment: str, tracking_uri: str | None = None) -> str:
+    """One ``tables`` run: each CSV as an MLflow table, every file (Markdown, CSV, PNG) as an artifact."""
+    import csv
+
+    import mlflow
+
+    mlflow.set_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI") or tracking_uri or DEFAULT_TRACKING_URI)
+    mlflow.set_experiment(experiment)
+    with mlflow.start_run(run_name="tables", tags={"stage": "tables"}) as run:
+        for path in files:
+            mlflow.log_artifact(str(path), artifact_path="tables")
+            if path.suffix == ".csv":
+                with open(path, newline="") as fh:
+                    rows = list(csv.reader(fh))
+                header, body = rows[0], rows[1:]
+                columns = {name: [row[i] for row in body] for i, name in enumerate(header)}
+                mlflow.log_table(data=columns, artifact_file=f"tables/{path.stem}.json")
+        return run.info.run_id

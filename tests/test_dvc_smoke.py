@@ -44,6 +44,8 @@ def test_dvc_repro_smoke_grid(tmp_path, data_root):
         zs = json.loads((work / "metrics" / "tiny-llama" / setting / f"{method}.zeroshot.json").read_text())
         assert zs["winogrande_n"] == 2 and zs["zeroshot_limit"] == 2 and 0 <= zs["zeroshot_avg"] <= 1
     assert not (work / "metrics" / "tiny-llama" / "w4a4" / "rtn.zeroshot.json").exists()
+    assert "| fp16 | fp |" in (work / "results" / "table1.md").read_text()  # the tables stage ran last
+    assert (work / "results" / "ppl_vs_bits.png").is_file() and (work / "results" / "table2.csv").is_file()
     assert (work / "dvc.lock").is_file()
     assert (work / "artifacts/act_stats/tiny-llama/act_stats.safetensors").is_file()
     assert (work / "artifacts/quantized/tiny-llama/w4a4/omniquant/omni_parameters.safetensors").is_file()

@@ -1,0 +1,233 @@
+"""Paper-style tables and plots from the per-cell metrics files (``metrics/<model>/<setting>/<method>[.zeroshot].json``).
+
+- Table 1: weight-only perplexity, rows setting x method, WikiText-2 and PTB per model, and the
+  paper's LLaMA-2-7B WikiText-2 column beside them.
+- Table 2: zero-shot accuracy (%) for FP and the weight-activation settings, with the paper's
+  LLaMA-1-7B rows below ours.
+- Table A1: quantization time and peak memory per model, setting and method.
+- ``plot_perplexity``: perplexity against weight bits per method (log scale), one panel per model.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from omniquant import paper
+
+SETTING_ORDER = ["fp16", "w4a16g128", "w4a16g64", "w4a16g32", "w4a16", "w3a16g128", "w3a16g64", "w3a16",
+                 "w2a16g128", "w2a16g64", "w2a16", "w8a8", "w6a6", "w4a8", "w4a4"]
+METHOD_ORDER = ["fp", "rtn", "gptq", "awq", "smoothquant", "omniquant"]
+ZEROSHOT_SUFFIX = ".zeroshot.json"
+ZEROSHOT_COLUMNS = [("piqa", "PIQA"), ("arc_easy", "ARC-e"), ("arc_challenge", "ARC-c"), ("boolq", "BoolQ"),
+                    ("hellaswag", "HellaSwag"), ("winogrande", "WinoGrande")]
+SETTING = re.compile(r"w(\d+)a(\d+)(?:g(\d+))?$")
+Metrics = dict[str, Any]
+
+
+@dataclass
+class Table:
+    title: str
+    columns: list[str]
+    rows: list[list[str]]
+    notes: list[str] = field(default_factory=list)
+
+    def markdown(self) -> str:
+        lines = [f"### {self.title}", "", "| " + " | ".join(self.columns) + " |", "|---" * len(self.columns) + "|"]
+        lines += ["| " + " | ".join(row) + " |" for row in self.rows]
+        return "\n".join(lines + [""] + [f"- {n}" for n in self.notes]).rstrip() + "\n"
+
+    def csv(self) -> str:
+        out = io.StringIO()
+        writer = csv.writer(out, lineterminator="\n")
+        writer.writerow(self.columns)
+        writer.writerows(self.rows)
+        return out.getvalue()
+
+
+def bits(setting: str) -> tuple[int, int, int | None]:
+    """(weight bits, activation bits, group size or None) of a setting name like ``w3a16g128``."""
+    if setting == "fp16":
+        return 16, 16, None
+    m = SETTING.match(setting)
+    if m is None:
+        raise ValueError(f"not a setting name: {setting}")
+    return int(m[1]), int(m[2]), int(m[3]) if m[3] else None
+
+
+def _rank(order: list[str], value: str) -> int:
+    return order.index(value) if value in order else len(order)
+
+
+def _key(m: Metrics) -> tuple:
+    return (_rank(SETTING_ORDER, m["setting"]), m["setting"], _rank(METHOD_ORDER, m["method"]), m["method"])
+
+
+def load_metrics(root: str | Path) -> tuple[list[Metrics], list[Metrics]]:
+    """(perplexity metrics, zero-shot metrics) under ``root``, each sorted by setting then method."""
+    files = sorted(Path(root).rglob("*.json"))
+    ppl = [json.loads(p.read_text()) for p in files if not p.name.endswith(ZEROSHOT_SUFFIX)]
+    zs = [json.loads(p.read_text()) for p in files if p.name.endswith(ZEROSHOT_SUFFIX)]
+    return sorted(ppl, key=_key), sorted(zs, key=_key)
+
+
+def fmt_ppl(value: float | None) -> str:
+    if value is None:
+        return "–"
+    return f"{value:.2f}" if value < 1000 else f"{value:.1e}".replace("e+0", "e").replace("e+", "e")
+
+
+def _grid(rows: list[Metrics], cell: Callable[[str, Metrics | None], list[str]], n_empty: int) -> tuple[
+        list[str], list[list[str]]]:
+    """Rows keyed (setting, method), one group of columns per model."""
+    models = sorted({m["model"] for m in rows})
+    by_cell = {(m["model"], m["setting"], m["method"]): m for m in rows}
+    keys = sorted({(m["setting"], m["method"]) for m in rows},
+                  key=lambda k: _key({"setting": k[0], "method": k[1]}))
+    out = []
+    for setting, method in keys:
+        row = [setting, method]
+        for model in models:
+            row += cell(model, by_cell.get((model, setting, method))) if (model, setting, method) in by_cell \
+                else ["–"] * n_empty
+        out.append(row)
+    return models, out
+
+
+def table1(ppl: Sequence[Metrics]) -> Table:
+    """Weight-only perplexity (and the FP row), with the paper's LLaMA-2-7B WikiText-2 column."""
+    rows = [m for m in ppl if m["setting"] == "fp16" or bits(m["setting"])[1] == 16]
+    models, body = _grid(rows, lambda _model, m: [fmt_ppl(m.get("wikitext2_ppl")), fmt_ppl(m.get("ptb_ppl"))], 2)
+    for row in body:
+        row.append(fmt_ppl(paper.TABLE1_WIKITEXT2.get((row[0], row[1]))))
+    columns = ["setting", "method"] + [f"{model} {name}" for model in models for name in ("WikiText-2", "PTB")]
+    columns.append(f"paper {paper.TABLE1_MODEL} WikiText-2")
+    return Table("Table 1 — weight-only quantization, perplexity (seqlen 2048)", columns, body,
+                 _window_notes(rows) + [f"The last column is the paper's (Table 1, {paper.TABLE1_MODEL}), not ours."])
+
+
+def _window_notes(rows: Sequence[Metrics]) -> list[str]:
+    notes = set()
+    for m in rows:
+        for ds, name in (("wikitext2", "WikiText-2 test"), ("ptb", "PTB validation")):
+            if m.get(f"{ds}_windows") is not None and m.get(f"{ds}_total_windows") is not None:
+                notes.add(f"{m['model']}: {name}, first {m[f'{ds}_windows']} of {m[f'{ds}_total_windows']} "
+                          f"2048-token windows.")
+        if m.get("model_weight_grid"):
+            notes.add(f"{m['model']}: {m['model_weight_grid']}; results are relative to that model.")
+    return sorted(notes)
+
+
+def _accuracy(m: Metrics, task: str, metric: str) -> float | None:
+    key = f"{task}_derived" if f"{task}_derived_acc" in m else task
+    value = m.get(f"{key}_{metric}", m.get(f"{key}_acc"))
+    return None if value is None else 100 * value
+
+
+def table2(zs: Sequence[Metrics], metric: str = "acc") -> Table:
+    """Zero-shot accuracy (%) of FP and weight-activation cells, the paper's LLaMA-1-7B rows below."""
+    rows = [m for m in zs if m["setting"] == "fp16" or bits(m["setting"])[1] < 16]
+
+    def cells(_model: str, m: Metrics) -> list[str]:
+        acc = [_accuracy(m, task, metric) for task, _ in ZEROSHOT_COLUMNS]
+        present = [a for a in acc if a is not None]
+        limit = m.get("zeroshot_limit")
+        return (["–" if a is None else f"{a:.1f}" for a in acc]
+                + [f"{sum(present) / len(present):.1f}" if present else "–", "full" if limit is None else str(limit)])
+
+    models, body = _grid(rows, cells, len(ZEROSHOT_COLUMNS) + 2)
+    columns = ["setting", "method"] + [f"{model} {title}" for model in models
+                                       for title in [t for _, t in ZEROSHOT_COLUMNS] + ["avg", "docs/task"]]
+    for (setting, method), acc in paper.TABLE2_ACCURACY.items():
+        row = [setting, f"{method} (paper, {paper.TABLE2_MODEL})"]
+        for _ in models:
+            row += [f"{a:.1f}" for a in acc] + [f"{sum(acc) / len(acc):.1f}", "full"]
+        body.append(row)
+    notes = [f"Our columns show `{metric}` (`acc` where a task has no `acc_norm`); the paper does not say which "
+             "it used. Averages are recomputed from the six columns (some printed paper averages are not).",
+             "HellaSwag is evaluated on a derived copy (llama.cpp text format): our HellaSwag numbers are labelled "
+             "`hellaswag_derived` in the metrics.",
+             "docs/task: documents evaluated per task (`eval.zeroshot.limit`); with 50 documents one accuracy has a "
+             "standard error of about 7 points."]
+    return Table("Table 2 — weight-activation quantization, zero-shot accuracy (%)", columns, body, notes)
+
+
+def tableA1(ppl: Sequence[Metrics]) -> Table:
+    """Quantization (calibration) time and peak memory per model, setting and method."""
+    rows = [m for m in ppl if m["method"] != "fp" and m.get("quant_seconds") is not None]
+    body = [[m["model"], m["setting"], m["method"], f"{m['quant_seconds']:.0f}",
+             "–" if m.get("peak_mem_gb") is None else f"{m['peak_mem_gb']:.2f}",
+             "–" if m.get("calib_nsamples") is None else f"{m['calib_nsamples']} × {m['calib_seqlen']}",
+             "–" if m.get("calib_epochs") is None else str(m["calib_epochs"])]
+            for m in sorted(rows, key=lambda m: (m["model"], *_key(m)))]
+    paper_hours = "; ".join(f"{mode}: " + ", ".join(f"{k} {v} h" for k, v in hours.items())
+                            for mode, hours in paper.TABLE_A12_HOURS.items())
+    return Table("Table A1 — quantization time and peak memory",
+                 ["model", "setting", "method", "quant time (s)", "peak mem (GB)", "calibration samples", "epochs"],
+                 body, ["peak mem: the GPU's peak allocation when run on a GPU, else the process peak RSS.",
+                        f"Paper (Table A12, one A100-80G, 128 × 2048 tokens, 20 epochs): {paper_hours}."])
+
+
+def plot_perplexity(ppl: Sequence[Metrics], path: str | Path) -> Path:
+    """WikiText-2 perplexity against weight bits of the weight-only settings: one colour per method,
+    solid for group-wise settings (tick labels name their group sizes), dashed for per-channel."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = sorted({m["model"] for m in ppl})
+    fig, axes = plt.subplots(1, len(models), figsize=(6.5 * len(models), 4.5), squeeze=False)
+    colours = {method: f"C{i}" for i, method in enumerate(METHOD_ORDER)}
+    for ax, model in zip(axes[0], models):
+        lines: dict[tuple[str, bool], dict[int, float]] = {}
+        groups: dict[int, set[int]] = {}
+        for m in ppl:
+            if m["model"] != model or m.get("wikitext2_ppl") is None:
+                continue
+            if m["setting"] == "fp16":
+                ax.axhline(m["wikitext2_ppl"], color="black", linestyle=":", label="FP")
+                continue
+            w, a, g = bits(m["setting"])
+            if a != 16:
+                continue
+            if g:
+                groups.setdefault(w, set()).add(g)
+            lines.setdefault((m["method"], g is not None), {})[w] = m["wikitext2_ppl"]
+        for (method, grouped), points in sorted(lines.items(), key=lambda kv: (_rank(METHOD_ORDER, kv[0][0]), kv[0])):
+            xs = sorted(points)
+            ax.plot(xs, [points[x] for x in xs], marker="o", color=colours.get(method, "grey"),
+                    linestyle="-" if grouped else "--", label=f"{method} ({'group' if grouped else 'per-channel'})")
+        ticks = sorted({2, 3, 4} | set(groups))
+        ax.set_xticks(ticks, [f"{w}" + (f"\n(g{'/'.join(map(str, sorted(groups[w])))})" if w in groups else "")
+                              for w in ticks])
+        ax.set_yscale("log")
+        ax.set_xlabel("weight bits")
+        ax.set_ylabel("WikiText-2 perplexity (log scale)")
+        ax.set_title(f"{model}: weight-only quantization")
+        ax.legend(fontsize=8)
+        ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def write_tables(metrics_root: str | Path, out: str | Path, metric: str = "acc") -> list[Path]:
+    """``table1``, ``table2``, ``tableA1`` (.md and .csv) and ``ppl_vs_bits.png`` under ``out``."""
+    ppl, zs = load_metrics(metrics_root)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name, table in (("table1", table1(ppl)), ("table2", table2(zs, metric)), ("tableA1", tableA1(ppl))):
+        for suffix, text in ((".md", table.markdown()), (".csv", table.csv())):
+            (out / f"{name}{suffix}").write_text(text)
+            written.append(out / f"{name}{suffix}")
+    written.append(plot_perplexity(ppl, out / "ppl_vs_bits.png"))
+    return written

@@ -1,0 +1,6 @@
+"""Stage `tables`: `python -m pipelines.tables [hydra overrides]` (see omniquant.pipeline.tables)."""
+from omniquant.pipeline import tables
+from pipelines._app import run_stage
+
+if __name__ == "__main__":
+    run_stage(tables)

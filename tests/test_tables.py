@@ -1,0 +1,98 @@
+"""Paper-style tables and the perplexity plot from metrics files."""
+import csv
+import json
+
+import pytest
+
+from omniquant import paper
+from omniquant.tables import bits, load_metrics, table1, table2, tableA1, write_tables
+
+
+def _write(root, setting, method, suffix="", **values):
+    path = root / "m" / setting / f"{method}{suffix}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"model": "m", "setting": setting, "method": method} | values))
+
+
+@pytest.fixture
+def metrics(tmp_path):
+    root = tmp_path / "metrics"
+    _write(root, "w3a16g128", "omniquant", wikitext2_ppl=9.5, quant_seconds=30.0, peak_mem_gb=1.5,
+           calib_nsamples=32, calib_seqlen=512, calib_epochs=6, wikitext2_windows=40, wikitext2_total_windows=148)
+    _write(root, "fp16", "fp", wikitext2_ppl=5.0, ptb_ppl=7.0)
+    _write(root, "w3a16g128", "rtn", wikitext2_ppl=12.25, quant_seconds=2.0)
+    _write(root, "w2a16g64", "rtn", wikitext2_ppl=8.8e5)
+    _write(root, "w4a4", "rtn", wikitext2_ppl=99.0)
+    _write(root, "w4a4", "rtn", ".zeroshot", piqa_acc=0.6, piqa_acc_norm=0.7, boolq_acc=0.5,
+           hellaswag_derived_acc=0.3, hellaswag_derived_acc_norm=0.4, zeroshot_limit=50)
+    _write(root, "fp16", "fp", ".zeroshot", piqa_acc=0.8, boolq_acc=0.6, zeroshot_limit=None)
+    return root
+
+
+def test_setting_names_parse():
+    assert bits("w3a16g128") == (3, 16, 128) and bits("w4a4") == (4, 4, None) and bits("fp16") == (16, 16, None)
+
+
+def test_table1_rows_in_paper_order_with_the_papers_column(metrics):
+    ppl, _ = load_metrics(metrics)
+    t = table1(ppl)
+    assert [r[:2] for r in t.rows] == [["fp16", "fp"], ["w3a16g128", "rtn"], ["w3a16g128", "omniquant"],
+                                       ["w2a16g64", "rtn"]]  # w4a4 is weight-activation: not in Table 1
+    assert t.rows[1] == ["w3a16g128", "rtn", "12.25", "–", f"{paper.TABLE1_WIKITEXT2[('w3a16g128', 'rtn')]:.2f}"]
+    assert t.rows[3][2] == "8.8e5"
+    assert "paper LLaMA-2-7B WikiText-2" in t.columns[-1]
+    assert any("first 40 of 148" in n for n in t.notes)
+
+
+def test_table2_shows_the_chosen_metric_and_the_papers_rows(metrics):
+    _, zs = load_metrics(metrics)
+    acc, norm = table2(zs, "acc"), table2(zs, "acc_norm")
+    ours = {tuple(r[:2]): r[2:] for r in acc.rows}
+    assert ours[("w4a4", "rtn")][:6] == ["60.0", "–", "–", "50.0", "30.0", "–"]
+    assert ours[("w4a4", "rtn")][6:] == ["46.7", "50"]  # mean of the present tasks, documents per task
+    assert ours[("fp16", "fp")][-1] == "full"
+    normed = {tuple(r[:2]): r[2:] for r in norm.rows}
+    assert normed[("w4a4", "rtn")][:6] == ["70.0", "–", "–", "50.0", "40.0", "–"]  # boolq has no acc_norm
+    assert ("w4a4", "omniquant (paper, LLaMA-1-7B)") in ours
+
+
+def test_tableA1_lists_quantized_cells_with_their_budget(metrics):
+    ppl, _ = load_metrics(metrics)
+    rows = tableA1(ppl).rows
+    assert ["m", "w3a16g128", "omniquant", "30", "1.50", "32 × 512", "6"] in rows
+    assert all(r[2] != "fp" for r in rows)
+
+
+def test_write_tables_writes_markdown_csv_and_plot(metrics, tmp_path):
+    written = write_tables(metrics, tmp_path / "results")
+    assert {p.name for p in written} == {"table1.md", "table1.csv", "table2.md", "table2.csv", "tableA1.md",
+                                         "tableA1.csv", "ppl_vs_bits.png"}
+    with open(tmp_path / "results" / "table1.csv", newline="") as fh:
+        rows = list(csv.reader(fh))
+    assert rows[0][:3] == ["setting", "method", "m WikiText-2"] and len(rows) == 5
+    assert (tmp_path / "results" / "ppl_vs_bits.png").read_bytes()[:4] == b"\x89PNG"
+    assert (tmp_path / "results" / "table2.md").read_text().startswith("### Table 2")
+
+
+def test_tables_stage_logs_to_mlflow(metrics, make_cfg, tmp_path, monkeypatch):
+    import mlflow
+
+    from omniquant import pipeline
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    written = pipeline.tables(make_cfg(f"paths.out={metrics.parent}", "mlflow.enabled=true"))
+    assert (metrics.parent / "results" / "table1.md") in written
+    mlflow.set_tracking_uri(uri)
+    run = mlflow.search_runs(experiment_names=["omniquant"], output_format="list")[0]
+    assert run.info.run_name == "tables"
+    names = {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id, "tables")}
+    assert {"tables/table1.md", "tables/ppl_vs_bits.png", "tables/table2.json"} <= names
+
+
+def test_tables_stage_without_metrics_is_a_clear_error(make_cfg, tmp_path):
+    from omniquant import pipeline
+    from omniquant.errors import UserError
+
+    with pytest.raises(UserError, match="run the evaluation stages first"):
+        pipeline.tables(make_cfg(f"paths.out={tmp_path / 'empty'}"))
