@@ -29,7 +29,7 @@ class GPTQConfig:
     percdamp: float = 0.01  # λ = percdamp · mean(diag H)
     block_size: int = 128  # lazy-batch width
     act_order: bool = True  # static act-order: columns by decreasing diag H, group parameters from the unquantized W
-    true_sequential: bool = True
+    true_sequential: bool = False
 
     def __post_init__(self) -> None:
         if self.percdamp <= 0 or self.block_size < 1:
