@@ -5,7 +5,9 @@ it. Columns are quantized left to right on our grid; each column's error, divide
 diagonal of the upper Cholesky factor ``U`` of ``(H + λI)⁻¹``, is spread over the columns not yet
 quantized through ``U``'s row (lazy batch updates). A group's scale and zero point are set with
 :func:`qparams` from the min/max of its current, error-updated columns when its first column
-comes up. With ``true_sequential`` the linears are done in input groups (q/k/v, o, gate/up,
+comes up; with static act-order (the default, as in llm-compressor) columns go by decreasing
+Hessian diagonal and every group's parameters come from the unquantized weights. With
+``true_sequential`` the linears are done in input groups (q/k/v, o, gate/up,
 down), each group's Hessian taken with the groups before it already quantized.
 """
 from __future__ import annotations
