@@ -207,9 +207,10 @@ def _quantize_in_memory(cfg: DictConfig, cell: Cell, model, calib: torch.Tensor 
     seconds = time.perf_counter() - start
     record = {"quant_seconds": seconds, "peak_rss_gb": peak_rss_gb()}
     record["peak_mem_gb"] = result.record.get("peak_mem_gb", record["peak_rss_gb"])
+    if calib is not None:
+        record["calib_nsamples"], record["calib_seqlen"] = int(calib.shape[0]), int(calib.shape[1])
     if "calib" in result.record:  # the effective hyper-parameters after precedence
         record |= {f"calib_{k}": result.record["calib"][k] for k in ("epochs", "batch_size")}
-        record["calib_nsamples"], record["calib_seqlen"] = int(calib.shape[0]), int(calib.shape[1])
     return result, record | {k: v for k, v in result.record.items() if k != "peak_mem_gb"}
 
 

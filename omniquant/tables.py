@@ -136,23 +136,28 @@ def table2(zs: Sequence[Metrics], metric: str = "acc") -> Table:
         acc = [_accuracy(m, task, metric) for task, _ in ZEROSHOT_COLUMNS]
         present = [a for a in acc if a is not None]
         limit = m.get("zeroshot_limit")
+        lambada = [m.get("lambada_openai_acc"), m.get("lambada_openai_ppl")]
         return (["–" if a is None else f"{a:.1f}" for a in acc]
-                + [f"{sum(present) / len(present):.1f}" if present else "–", "full" if limit is None else str(limit)])
+                + [f"{sum(present) / len(present):.1f}" if present else "–"]
+                + ["–" if lambada[0] is None else f"{100 * lambada[0]:.1f}", fmt_ppl(lambada[1])]
+                + ["full" if limit is None else str(limit)])
 
-    models, body = _grid(rows, cells, len(ZEROSHOT_COLUMNS) + 2)
+    extra = ["avg", "LAMBADA acc", "LAMBADA ppl", "docs/task"]
+    models, body = _grid(rows, cells, len(ZEROSHOT_COLUMNS) + len(extra))
     columns = ["setting", "method"] + [f"{model} {title}" for model in models
-                                       for title in [t for _, t in ZEROSHOT_COLUMNS] + ["avg", "docs/task"]]
+                                       for title in [t for _, t in ZEROSHOT_COLUMNS] + extra]
     for (setting, method), acc in paper.TABLE2_ACCURACY.items():
         row = [setting, f"{method} (paper, {paper.TABLE2_MODEL})"]
         for _ in models:
-            row += [f"{a:.1f}" for a in acc] + [f"{sum(acc) / len(acc):.1f}", "full"]
+            row += [f"{a:.1f}" for a in acc] + [f"{sum(acc) / len(acc):.1f}", "–", "–", "full"]
         body.append(row)
     notes = [f"Our columns show `{metric}` (`acc` where a task has no `acc_norm`); the paper does not say which "
              "it used. Averages are recomputed from the six columns (some printed paper averages are not).",
              "HellaSwag is evaluated on a derived copy (llama.cpp text format): our HellaSwag numbers are labelled "
              "`hellaswag_derived` in the metrics.",
              "docs/task: documents evaluated per task (`eval.zeroshot.limit`); with 50 documents one accuracy has a "
-             "standard error of about 7 points."]
+             "standard error of about 7 points, so LAMBADA perplexity (not in the paper's table) separates the "
+             "methods more reliably at small limits."]
     return Table("Table 2 — weight-activation quantization, zero-shot accuracy (%)", columns, body, notes)
 
 
