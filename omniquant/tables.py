@@ -18,13 +18,15 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from omniquant import paper
+from omniquant.zeroshot import AVERAGED
 
 SETTING_ORDER = ["fp16", "w4a16g128", "w4a16g64", "w4a16g32", "w4a16", "w3a16g128", "w3a16g64", "w3a16",
                  "w2a16g128", "w2a16g64", "w2a16", "w8a8", "w6a6", "w4a8", "w4a4"]
 METHOD_ORDER = ["fp", "rtn", "gptq", "awq", "smoothquant", "omniquant"]
 ZEROSHOT_SUFFIX = ".zeroshot.json"
-ZEROSHOT_COLUMNS = [("piqa", "PIQA"), ("arc_easy", "ARC-e"), ("arc_challenge", "ARC-c"), ("boolq", "BoolQ"),
-                    ("hellaswag", "HellaSwag"), ("winogrande", "WinoGrande")]
+TASK_TITLES = {"piqa": "PIQA", "arc_easy": "ARC-e", "arc_challenge": "ARC-c", "boolq": "BoolQ",
+               "hellaswag": "HellaSwag", "winogrande": "WinoGrande"}
+ZEROSHOT_COLUMNS = [(task, TASK_TITLES[task]) for task in AVERAGED]  # the paper's six, in its order
 SETTING = re.compile(r"w(\d+)a(\d+)(?:g(\d+))?$")
 Metrics = dict[str, Any]
 

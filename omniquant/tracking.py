@@ -20,6 +20,16 @@ def flatten(cfg: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+def _connect(experiment: str, tracking_uri: str | None):
+    """The ``mlflow`` module, pointed at the store (``MLFLOW_TRACKING_URI`` wins) and the experiment."""
+    os.environ.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
+    import mlflow
+
+    mlflow.set_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI") or tracking_uri or DEFAULT_TRACKING_URI)
+    mlflow.set_experiment(experiment)
+    return mlflow
+
+
 def log_run(
     run_name: str,
     config: Mapping[str, Any],
@@ -37,11 +47,7 @@ def log_run(
     ``join_existing``: add the metrics to the latest run of that name (another evaluation of the
     same cell) instead of starting a new one; its params are kept.
     """
-    os.environ.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
-    import mlflow
-
-    mlflow.set_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI") or tracking_uri or DEFAULT_TRACKING_URI)
-    mlflow.set_experiment(experiment)
+    mlflow = _connect(experiment, tracking_uri)
     numeric = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     existing = _latest_run_id(mlflow, experiment, run_name) if join_existing else None
     if existing:
@@ -86,10 +92,7 @@ def log_tables(files: list[Path], *, experiment: str, tracking_uri: str | None =
     """One ``tables`` run: each CSV as an MLflow table, every file (Markdown, CSV, PNG) as an artifact."""
     import csv
 
-    import mlflow
-
-    mlflow.set_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI") or tracking_uri or DEFAULT_TRACKING_URI)
-    mlflow.set_experiment(experiment)
+    mlflow = _connect(experiment, tracking_uri)
     with mlflow.start_run(run_name="tables", tags={"stage": "tables"}) as run:
         for path in files:
             mlflow.log_artifact(str(path), artifact_path="tables")
