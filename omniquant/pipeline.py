@@ -6,6 +6,7 @@ anything. ``run_cell`` chains them in memory for Hydra multirun sweeps.
 """
 from __future__ import annotations
 
+import fcntl
 import shutil
 import time
 from dataclasses import dataclass
@@ -94,7 +95,12 @@ def _load(cfg: DictConfig, path: str, device: torch.device | None = None):
 
 
 def _base_checkpoint(cfg: DictConfig) -> str:
-    return models.ensure_prepared(cfg.model, cfg.paths.models, cfg.paths.cache)
+    """The prepared base checkpoint; parallel sweep jobs wait on a file lock while one of them prepares it."""
+    lock = Path(cfg.paths.models) / f".{models.model_name(cfg.model)}.lock"
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        return models.ensure_prepared(cfg.model, cfg.paths.models, cfg.paths.cache)
 
 
 # --------------------------------------------------------------------------- stages
@@ -297,6 +303,7 @@ def _finish(cfg: DictConfig, cell: Cell, results: dict[str, Any], record: dict[s
             blocks=record.get("blocks"),
             artifact="metrics.json" if kind == "ppl" else f"{kind}.json",
             join_existing=kind != "ppl",
+            parent=str(cfg.mlflow.parent),
         )
     return metrics
 
@@ -330,20 +337,35 @@ def _zeroshot_root(cfg: DictConfig) -> Path | None:
     return datalib.data_root(cfg.data.root)
 
 
-def evaluate_zeroshot(cfg: DictConfig, model, tokenizer) -> dict[str, Any]:
-    """Zero-shot metrics (``<task>_acc``, ``<task>_acc_norm``, ``zeroshot_avg``) for ``eval.zeroshot``."""
+def _zeroshot_kind(cfg: DictConfig) -> str:
+    """Metrics file kind: ``zeroshot`` for first-N-document runs, ``zeroshot_full`` for the full task sets."""
+    return "zeroshot" if cfg.eval.zeroshot.limit is not None else "zeroshot_full"
+
+
+def evaluate_zeroshot(cfg: DictConfig, cell: Cell, model, tokenizer) -> dict[str, Any]:
+    """Zero-shot metrics (``<task>_acc``, ``<task>_acc_norm``, ``zeroshot_avg``) for ``eval.zeroshot``.
+
+    With ``eval.zeroshot.resume`` scored requests are cached under ``paths.cache``, keyed by the
+    weights' fingerprint, so an interrupted evaluation resumes instead of starting over.
+    """
     zs = cfg.eval.zeroshot
     limit = None if zs.limit is None else int(zs.limit)
+    cache = None
+    if zs.resume:
+        key = zeroshot.fingerprint(model, cell.run_name)  # the run name carries the activation setting
+        cache = Path(cfg.paths.cache) / "lm_eval" / cell.model / cell.setting.name / cell.method / key
     return zeroshot.evaluate(model, tokenizer, list(zs.tasks), _zeroshot_root(cfg), limit=limit,
-                             batch_size=int(zs.batch_size), metric=str(zs.metric), device=device_of(cfg))
+                             batch_size=int(zs.batch_size), metric=str(zs.metric), device=device_of(cfg),
+                             cache=cache)
 
 
 def eval_zeroshot(cfg: DictConfig) -> dict[str, Any]:
-    """Zero-shot accuracy of the cell's model; writes ``metrics/<model>/<setting>/<method>.zeroshot.json``."""
+    """Zero-shot accuracy of the cell's model; writes ``metrics/<model>/<setting>/<method>.zeroshot.json``
+    (``.zeroshot_full.json`` for the full task sets)."""
     cell = cell_of(cfg)
     _zeroshot_root(cfg)
     model, tokenizer, record = _load_evaluated(cfg, cell)
-    return _finish(cfg, cell, evaluate_zeroshot(cfg, model, tokenizer), record, kind="zeroshot")
+    return _finish(cfg, cell, evaluate_zeroshot(cfg, cell, model, tokenizer), record, kind=_zeroshot_kind(cfg))
 
 
 def tables(cfg: DictConfig) -> list[Path]:
@@ -354,7 +376,8 @@ def tables(cfg: DictConfig) -> list[Path]:
         raise UserError(f"{root / 'metrics'} not found: run the evaluation stages first")
     written = tables_lib.write_tables(root / "metrics", root / "results", str(cfg.eval.zeroshot.metric))
     if cfg.mlflow.enabled:
-        log_tables(written, experiment=str(cfg.mlflow.experiment), tracking_uri=str(cfg.mlflow.tracking_uri))
+        log_tables(written, experiment=str(cfg.mlflow.experiment), tracking_uri=str(cfg.mlflow.tracking_uri),
+                   parent=str(cfg.mlflow.parent))
     for path in written:
         print(f"wrote {path}")
     return written
@@ -372,5 +395,6 @@ def run_cell(cfg: DictConfig) -> dict[str, Any]:
     model.to(device_of(cfg))
     metrics = _finish(cfg, cell, evaluate_perplexity(cfg, model, tokenizer, cell.model), record)
     if cfg.eval.zeroshot.enabled:
-        metrics |= _finish(cfg, cell, evaluate_zeroshot(cfg, model, tokenizer), record, kind="zeroshot")
+        metrics |= _finish(cfg, cell, evaluate_zeroshot(cfg, cell, model, tokenizer), record,
+                           kind=_zeroshot_kind(cfg))
     return metrics

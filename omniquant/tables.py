@@ -1,4 +1,5 @@
-"""Paper-style tables and plots from the per-cell metrics files (``metrics/<model>/<setting>/<method>[.zeroshot].json``).
+"""Paper-style tables and plots from the per-cell metrics files
+(``metrics/<model>/<setting>/<method>[.zeroshot|.zeroshot_full].json``).
 
 - Table 1: weight-only perplexity, rows setting x method, WikiText-2 and PTB per model, and the
   paper's LLaMA-2-7B WikiText-2 column beside them.
@@ -23,7 +24,7 @@ from omniquant.zeroshot import AVERAGED
 SETTING_ORDER = ["fp16", "w4a16g128", "w4a16g64", "w4a16g32", "w4a16", "w3a16g128", "w3a16g64", "w3a16",
                  "w2a16g128", "w2a16g64", "w2a16", "w8a8", "w6a6", "w4a8", "w4a4"]
 METHOD_ORDER = ["fp", "rtn", "gptq", "awq", "smoothquant", "omniquant"]
-ZEROSHOT_SUFFIX = ".zeroshot.json"
+ZEROSHOT_FILE = re.compile(r"\.zeroshot(_full)?\.json$")  # first-N-documents runs, full-set runs
 TASK_TITLES = {"piqa": "PIQA", "arc_easy": "ARC-e", "arc_challenge": "ARC-c", "boolq": "BoolQ",
                "hellaswag": "HellaSwag", "winogrande": "WinoGrande"}
 ZEROSHOT_COLUMNS = [(task, TASK_TITLES[task]) for task in AVERAGED]  # the paper's six, in its order
@@ -72,8 +73,8 @@ def _key(m: Metrics) -> tuple:
 def load_metrics(root: str | Path) -> tuple[list[Metrics], list[Metrics]]:
     """(perplexity metrics, zero-shot metrics) under ``root``, each sorted by setting then method."""
     files = sorted(Path(root).rglob("*.json"))
-    ppl = [json.loads(p.read_text()) for p in files if not p.name.endswith(ZEROSHOT_SUFFIX)]
-    zs = [json.loads(p.read_text()) for p in files if p.name.endswith(ZEROSHOT_SUFFIX)]
+    ppl = [json.loads(p.read_text()) for p in files if not ZEROSHOT_FILE.search(p.name)]
+    zs = [json.loads(p.read_text()) for p in files if ZEROSHOT_FILE.search(p.name)]
     return sorted(ppl, key=_key), sorted(zs, key=_key)
 
 
@@ -83,10 +84,10 @@ def fmt_ppl(value: float | None) -> str:
     return f"{value:.2f}" if value < 1000 else f"{value:.1e}".replace("e+0", "e").replace("e+", "e")
 
 
-def _grid(rows: list[Metrics], cell: Callable[[str, Metrics | None], list[str]], n_empty: int) -> tuple[
-        list[str], list[list[str]]]:
-    """Rows keyed (setting, method), one group of columns per model."""
-    models = sorted({m["model"] for m in rows})
+def _grid(rows: list[Metrics], cell: Callable[[str, Metrics | None], list[str]], n_empty: int,
+          models: list[str] | None = None) -> tuple[list[str], list[list[str]]]:
+    """Rows keyed (setting, method), one group of columns per model (``models``: all of ``rows``' by default)."""
+    models = models if models is not None else sorted({m["model"] for m in rows})
     by_cell = {(m["model"], m["setting"], m["method"]): m for m in rows}
     keys = sorted({(m["setting"], m["method"]) for m in rows},
                   key=lambda k: _key({"setting": k[0], "method": k[1]}))
@@ -131,8 +132,10 @@ def _accuracy(m: Metrics, task: str, metric: str) -> float | None:
 
 
 def table2(zs: Sequence[Metrics], metric: str = "acc") -> Table:
-    """Zero-shot accuracy (%) of FP and weight-activation cells, the paper's LLaMA-1-7B rows below."""
+    """Zero-shot accuracy (%) of FP and weight-activation cells (first-N-document runs, then full-set
+    runs), the paper's LLaMA-1-7B rows below."""
     rows = [m for m in zs if m["setting"] == "fp16" or bits(m["setting"])[1] < 16]
+    models = sorted({m["model"] for m in rows})
 
     def cells(_model: str, m: Metrics) -> list[str]:
         acc = [_accuracy(m, task, metric) for task, _ in ZEROSHOT_COLUMNS]
@@ -145,7 +148,9 @@ def table2(zs: Sequence[Metrics], metric: str = "acc") -> Table:
                 + ["full" if limit is None else str(limit)])
 
     extra = ["avg", "LAMBADA acc", "LAMBADA ppl", "docs/task"]
-    models, body = _grid(rows, cells, len(ZEROSHOT_COLUMNS) + len(extra))
+    width = len(ZEROSHOT_COLUMNS) + len(extra)
+    body = [row for full in (False, True)
+            for row in _grid([m for m in rows if (m.get("zeroshot_limit") is None) == full], cells, width, models)[1]]
     columns = ["setting", "method"] + [f"{model} {title}" for model in models
                                        for title in [t for _, t in ZEROSHOT_COLUMNS] + extra]
     for (setting, method), acc in paper.TABLE2_ACCURACY.items():

@@ -1,11 +1,22 @@
-"""MLflow logging: flattened config as params, metrics, metrics JSON and config as artifacts."""
+"""MLflow logging: flattened config as params, metrics, metrics JSON and config as artifacts.
+
+Cell runs nest under one parent run (MLflow's ``mlflow.parentRunId`` tag): the ``mlflow.parent``
+run (``grid`` for ``dvc repro``; the tables are logged on it), or, in a Hydra ``-m`` sweep, the
+sweep's own parent run, which :class:`SweepCallback` opens before any job starts and hands to the
+jobs (in-process or in joblib/SLURM workers) through ``OMNIQUANT_MLFLOW_PARENT_ID``.
+"""
 from __future__ import annotations
 
 import os
 from pathlib import Path
 from typing import Any, Mapping
 
+from hydra.experimental.callback import Callback
+
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+PARENT_ENV = "OMNIQUANT_MLFLOW_PARENT_ID"
+PARENT_TAG = "mlflow.parentRunId"
+ROLE_TAG = "omniquant.role"
 
 
 def flatten(cfg: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -41,21 +52,25 @@ def log_run(
     blocks: list[Mapping[str, Any]] | None = None,
     artifact: str = "metrics.json",
     join_existing: bool = False,
+    parent: str | None = None,
 ) -> str:
     """Log one run; returns its run id. ``MLFLOW_TRACKING_URI`` overrides ``tracking_uri``.
 
-    ``join_existing``: add the metrics to the latest run of that name (another evaluation of the
-    same cell) instead of starting a new one; its params are kept.
+    ``parent``: name of the run to nest under (:func:`parent_run_id`; a sweep's parent wins).
+    ``join_existing``: add the metrics to the latest run of that name under the same parent (another
+    evaluation of the same cell) instead of starting a new one; its params are kept.
     """
     mlflow = _connect(experiment, tracking_uri)
     numeric = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-    existing = _latest_run_id(mlflow, experiment, run_name) if join_existing else None
+    parent_id = parent_run_id(mlflow, experiment, parent) if parent or os.environ.get(PARENT_ENV) else None
+    existing = _latest_run_id(mlflow, run_name, parent_id) if join_existing else None
     if existing:
         with mlflow.start_run(run_id=existing) as run:
             mlflow.log_metrics(numeric)
             mlflow.log_dict(dict(metrics), artifact)
             return run.info.run_id
-    with mlflow.start_run(run_name=run_name, tags=dict(tags or {})) as run:
+    nesting = {PARENT_TAG: parent_id} if parent_id else {}
+    with mlflow.start_run(run_name=run_name, tags=dict(tags or {}) | nesting) as run:
         params = {k: "null" if v is None else str(v)[:6000] for k, v in flatten(config).items()}
         mlflow.log_params(params)
         mlflow.log_metrics(numeric)
@@ -66,12 +81,27 @@ def log_run(
         return run.info.run_id
 
 
-def _latest_run_id(mlflow, experiment: str, run_name: str) -> str | None:
-    exp = mlflow.get_experiment_by_name(experiment)
-    if exp is None:
-        return None
-    runs = mlflow.search_runs([exp.experiment_id], filter_string=f"attributes.run_name = '{run_name}'",
-                              order_by=["attributes.start_time DESC"], max_results=1, output_format="list")
+def parent_run_id(mlflow, experiment: str, name: str | None) -> str:
+    """The sweep's parent run (``OMNIQUANT_MLFLOW_PARENT_ID``), else the latest parent run ``name``, created if missing."""
+    if os.environ.get(PARENT_ENV):
+        return os.environ[PARENT_ENV]
+    found = mlflow.search_runs(filter_string=f"attributes.run_name = '{name}' and tags.`{ROLE_TAG}` = 'parent'",
+                               order_by=["attributes.start_time DESC"], max_results=1, output_format="list")
+    if found:
+        return found[0].info.run_id
+    client = mlflow.MlflowClient()
+    run = client.create_run(mlflow.get_experiment_by_name(experiment).experiment_id, run_name=name,
+                            tags={ROLE_TAG: "parent"})
+    client.set_terminated(run.info.run_id)
+    return run.info.run_id
+
+
+def _latest_run_id(mlflow, run_name: str, parent_id: str | None) -> str | None:
+    query = f"attributes.run_name = '{run_name}'"
+    if parent_id:
+        query += f" and tags.`{PARENT_TAG}` = '{parent_id}'"
+    runs = mlflow.search_runs(filter_string=query, order_by=["attributes.start_time DESC"], max_results=1,
+                              output_format="list")
     return runs[0].info.run_id if runs else None
 
 
@@ -88,12 +118,13 @@ def _log_blocks(mlflow, blocks: list[Mapping[str, Any]]) -> None:
     mlflow.log_dict({"blocks": list(blocks)}, "calibration/blocks.json")
 
 
-def log_tables(files: list[Path], *, experiment: str, tracking_uri: str | None = None) -> str:
-    """One ``tables`` run: each CSV as an MLflow table, every file (Markdown, CSV, PNG) as an artifact."""
+def log_tables(files: list[Path], *, experiment: str, tracking_uri: str | None = None,
+               parent: str = "grid") -> str:
+    """Log the tables on the ``parent`` run: each CSV as an MLflow table, every file (Markdown, CSV, PNG) as an artifact."""
     import csv
 
     mlflow = _connect(experiment, tracking_uri)
-    with mlflow.start_run(run_name="tables", tags={"stage": "tables"}) as run:
+    with mlflow.start_run(run_id=parent_run_id(mlflow, experiment, parent)) as run:
         for path in files:
             mlflow.log_artifact(str(path), artifact_path="tables")
             if path.suffix == ".csv":
@@ -103,3 +134,24 @@ def log_tables(files: list[Path], *, experiment: str, tracking_uri: str | None =
                 columns = {name: [row[i] for row in body] for i, name in enumerate(header)}
                 mlflow.log_table(data=columns, artifact_file=f"tables/{path.stem}.json")
         return run.info.run_id
+
+
+class SweepCallback(Callback):
+    """Hydra callback: one MLflow parent run per ``-m`` sweep, its id exported to the jobs.
+
+    Registered in ``conf/config.yaml`` (``hydra.callbacks.mlflow_sweep``); does nothing when
+    ``mlflow.enabled`` is false.
+    """
+
+    def on_multirun_start(self, config, **_: Any) -> None:
+        if not config.mlflow.enabled:
+            return
+        mlflow = _connect(str(config.mlflow.experiment), str(config.mlflow.tracking_uri))
+        overrides = " ".join(config.hydra.overrides.task)
+        with mlflow.start_run(run_name=f"sweep {Path(config.hydra.sweep.dir).as_posix()}",
+                              tags={ROLE_TAG: "parent", "sweep_overrides": overrides}) as run:
+            mlflow.log_param("sweep_overrides", overrides[:6000])
+            os.environ[PARENT_ENV] = run.info.run_id
+
+    def on_multirun_end(self, config, **_: Any) -> None:
+        os.environ.pop(PARENT_ENV, None)

@@ -30,7 +30,8 @@ def grid_cells(models: list[str], blocks: list[dict]) -> dict[str, dict[str, str
 
 
 def zeroshot_cells(grid: dict) -> dict[str, dict[str, str]]:
-    """Zero-shot cells with their input artifact (base model for ``fp``) and document limit (a block's own wins)."""
+    """Zero-shot cells with their input artifact (base model for ``fp``), document limit (a block's own
+    wins) and metrics kind; full-set cells (``limit: null``) are keyed ``<model>-<setting>-<method>-full``."""
     zs = grid.get("zeroshot") or {"blocks": []}
     cells = {}
     for block in zs["blocks"]:
@@ -38,7 +39,10 @@ def zeroshot_cells(grid: dict) -> dict[str, dict[str, str]]:
         for key, cell in grid_cells(grid["models"], [block]).items():
             source = (f"artifacts/models/{cell['model']}" if cell["method"] == "fp"
                       else f"artifacts/quantized/{cell['model']}/{cell['quant']}/{cell['method']}")
-            cells[key] = cell | {"source": source, "limit": "null" if limit is None else str(int(limit))}
+            if limit is None:
+                cells[f"{key}-full"] = cell | {"source": source, "limit": "null", "kind": "zeroshot_full"}
+            else:
+                cells[key] = cell | {"source": source, "limit": str(int(limit)), "kind": "zeroshot"}
     return cells
 
 

@@ -9,3 +9,16 @@ def test_params_yaml_is_up_to_date():
     proc = subprocess.run([sys.executable, "-m", "pipelines.compose_params", "--check"], cwd=REPO,
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_zeroshot_cells_full_sets_get_their_own_cell_and_metrics_kind():
+    from pipelines.compose_params import zeroshot_cells
+
+    grid = {"models": ["m"], "zeroshot": {"limit": 50, "blocks": [
+        {"settings": ["fp16", "w4a4"], "methods": ["fp"]},
+        {"settings": ["fp16"], "methods": ["fp"], "limit": None}]}}
+    cells = zeroshot_cells(grid)
+    assert cells["m-fp16-fp"] == {"model": "m", "quant": "fp16", "method": "fp", "source": "artifacts/models/m",
+                                  "limit": "50", "kind": "zeroshot"}
+    assert cells["m-fp16-fp-full"]["limit"] == "null" and cells["m-fp16-fp-full"]["kind"] == "zeroshot_full"
+    assert cells["m-w4a4-fp"]["source"] == "artifacts/models/m"

@@ -55,9 +55,10 @@ def test_run_cell_logs_to_mlflow(make_cfg, data_root, tmp_path, monkeypatch):
     import mlflow
 
     runs = mlflow.search_runs(experiment_names=["omniquant"])
-    assert len(runs) == 1
-    run = runs.iloc[0]
-    assert run["tags.mlflow.runName"] == "tiny-llama/fp16/fp"
+    assert sorted(runs["tags.mlflow.runName"]) == ["grid", "tiny-llama/fp16/fp"]
+    parent = runs[runs["tags.mlflow.runName"] == "grid"].iloc[0]
+    run = runs[runs["tags.mlflow.runName"] == "tiny-llama/fp16/fp"].iloc[0]
+    assert run["tags.mlflow.parentRunId"] == parent["run_id"]  # nested under the grid's parent run
     assert run["metrics.wikitext2_ppl"] == pytest.approx(metrics["wikitext2_ppl"])
     assert run["params.quant.wbits"] == "16" and run["params.model.name"] == "tiny-llama"
     artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(run["run_id"])}
@@ -121,3 +122,32 @@ def test_saved_weight_activation_checkpoint_evaluates_like_in_memory(make_cfg, d
     in_memory = pipeline.run_cell(cfg)
     assert staged["wikitext2_ppl"] == pytest.approx(in_memory["wikitext2_ppl"], rel=1e-6)
     assert staged["calib_epochs"] == 1 and staged["calib_nsamples"] == 4
+
+
+def test_joblib_multirun_sweep_nests_cell_runs_and_leaves_dvc_outputs_alone(tmp_path, data_root):
+    """``-m`` with the joblib launcher: two cells in parallel, one MLflow parent run, outputs in the sweep dir."""
+    env = os.environ | {"OMNIQUANT_CACHE_DIR": str(tmp_path / "cache"),
+                        "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    env.pop("OMNIQUANT_MLFLOW_PARENT_ID", None)
+    cmd = [sys.executable, "-m", "pipelines.run_cell", "-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2",
+           *SMOKE, "method=rtn", "quant=w4a16g128,w3a16g128", f"data.root={data_root}",
+           f"paths.models={tmp_path / 'models'}",
+           f"hydra.sweep.dir={tmp_path / 'sweep'}"]
+    before = sorted((REPO / "metrics").rglob("*.json"))
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "Joblib.Parallel" in proc.stdout + proc.stderr
+    written = sorted(p.relative_to(tmp_path / "sweep") for p in (tmp_path / "sweep").rglob("metrics/**/*.json"))
+    assert [p.as_posix() for p in written] == ["0/metrics/tiny-llama/w4a16g128/rtn.json",
+                                               "1/metrics/tiny-llama/w3a16g128/rtn.json"]
+    assert sorted((REPO / "metrics").rglob("*.json")) == before  # DVC-owned metrics untouched
+
+    import mlflow
+
+    mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
+    runs = mlflow.search_runs(experiment_names=["omniquant"])
+    parents = runs[runs["tags.omniquant.role"] == "parent"]
+    assert len(parents) == 1 and parents.iloc[0]["tags.mlflow.runName"].startswith("sweep ")
+    cells = runs[runs["tags.omniquant.role"].isna()]
+    assert sorted(cells["tags.mlflow.runName"]) == ["tiny-llama/w3a16g128/rtn", "tiny-llama/w4a16g128/rtn"]
+    assert set(cells["tags.mlflow.parentRunId"]) == {parents.iloc[0]["run_id"]}

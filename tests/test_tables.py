@@ -25,7 +25,8 @@ def metrics(tmp_path):
     _write(root, "w4a4", "rtn", wikitext2_ppl=99.0)
     _write(root, "w4a4", "rtn", ".zeroshot", piqa_acc=0.6, piqa_acc_norm=0.7, boolq_acc=0.5,
            hellaswag_derived_acc=0.3, hellaswag_derived_acc_norm=0.4, zeroshot_limit=50)
-    _write(root, "fp16", "fp", ".zeroshot", piqa_acc=0.8, boolq_acc=0.6, zeroshot_limit=None)
+    _write(root, "fp16", "fp", ".zeroshot", piqa_acc=0.7, boolq_acc=0.5, zeroshot_limit=50)
+    _write(root, "fp16", "fp", ".zeroshot_full", piqa_acc=0.8, boolq_acc=0.6, zeroshot_limit=None)
     return root
 
 
@@ -50,7 +51,9 @@ def test_table2_shows_the_chosen_metric_and_the_papers_rows(metrics):
     ours = {tuple(r[:2]): r[2:] for r in acc.rows}
     assert ours[("w4a4", "rtn")][:6] == ["60.0", "–", "–", "50.0", "30.0", "–"]
     assert ours[("w4a4", "rtn")][6:] == ["46.7", "–", "–", "50"]  # mean of the present tasks, LAMBADA, docs/task
-    assert ours[("fp16", "fp")][-1] == "full"
+    fp_rows = [r for r in acc.rows if r[:2] == ["fp16", "fp"]]  # first-50 run, then the full-set run
+    assert [(r[2], r[-1]) for r in fp_rows] == [("70.0", "50"), ("80.0", "full")]
+    assert [r[-1] for r in acc.rows if "paper" not in r[1]] == ["50", "50", "full"]
     normed = {tuple(r[:2]): r[2:] for r in norm.rows}
     assert normed[("w4a4", "rtn")][:6] == ["70.0", "–", "–", "50.0", "40.0", "–"]  # boolq has no acc_norm
     assert ("w4a4", "omniquant (paper, LLaMA-1-7B)") in ours
@@ -85,7 +88,7 @@ def test_tables_stage_logs_to_mlflow(metrics, make_cfg, tmp_path, monkeypatch):
     assert (metrics.parent / "results" / "table1.md") in written
     mlflow.set_tracking_uri(uri)
     run = mlflow.search_runs(experiment_names=["omniquant"], output_format="list")[0]
-    assert run.info.run_name == "tables"
+    assert run.info.run_name == "grid" and run.data.tags["omniquant.role"] == "parent"  # the cells' parent run
     names = {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id, "tables")}
     assert {"tables/table1.md", "tables/ppl_vs_bits.png", "tables/table2.json"} <= names
 

@@ -110,9 +110,51 @@ def test_eval_zeroshot_stage_writes_metrics(make_cfg, data_root, tmp_path):
     from omniquant import pipeline
 
     cfg = make_cfg("model=tiny-llama", "quant=fp16", "method=fp", "eval.zeroshot.limit=2", f"data.root={data_root}",
-                   "eval.zeroshot.tasks=[winogrande,arc_easy]")
+                   "eval.zeroshot.tasks=[winogrande,arc_easy]", f"paths.cache={tmp_path / 'cache'}")
     metrics = pipeline.eval_zeroshot(cfg)
     saved = json.loads((tmp_path / "metrics/tiny-llama/fp16/fp.zeroshot.json").read_text())
     assert saved == json.loads(json.dumps(metrics))
     assert (saved["model"], saved["setting"], saved["method"]) == ("tiny-llama", "fp16", "fp")
     assert saved["zeroshot_avg"] == pytest.approx((saved["winogrande_acc"] + saved["arc_easy_acc"]) / 2)
+    assert list((tmp_path / "cache/lm_eval/tiny-llama/fp16/fp").glob("*_rank0.db"))  # resumable by default
+
+
+class _Interrupt(Exception):
+    pass
+
+
+def test_interrupted_evaluation_resumes_from_the_request_cache(tmp_path, data_root):
+    from omniquant.models.tiny import tiny_llama
+    from omniquant.zeroshot import fingerprint
+
+    model, tokenizer = tiny_llama(num_key_value_heads=2)
+    run = dict(tasks=["piqa", "winogrande"], root=data_root, limit=4, batch_size=2, metric="acc",
+               device=torch.device("cpu"))
+    calls = {"n": 0, "stop_after": None}
+
+    def forward_hook(*_):
+        calls["n"] += 1
+        if calls["stop_after"] is not None and calls["n"] > calls["stop_after"]:
+            raise _Interrupt
+
+    model.register_forward_pre_hook(forward_hook)
+    fresh = evaluate(model, tokenizer, **run)
+    batches = calls["n"]
+    cache = tmp_path / fingerprint(model, "tiny")
+
+    calls.update(n=0, stop_after=2)
+    with pytest.raises(_Interrupt):
+        evaluate(model, tokenizer, **run, cache=cache)
+    assert json.loads(next(tmp_path.glob("*.seconds.json")).read_text())["complete"] is False
+
+    calls.update(n=0, stop_after=None)
+    resumed = evaluate(model, tokenizer, **run, cache=cache)
+    assert calls["n"] == batches - 2  # the two batches scored before the interrupt are not redone
+    keys = [k for k in fresh if k.endswith(("_acc", "_acc_norm", "_n")) or k == "zeroshot_avg"]
+    assert {k: resumed[k] for k in keys} == {k: fresh[k] for k in keys}
+    assert resumed["zeroshot_seconds_total"] > resumed["zeroshot_seconds"]  # the interrupted run's time counts
+
+    calls.update(n=0, stop_after=0)  # any forward call now fails: a completed evaluation comes from the cache
+    again = evaluate(model, tokenizer, **run, cache=cache)
+    assert {k: again[k] for k in keys} == {k: fresh[k] for k in keys}
+    assert again["zeroshot_seconds_total"] == resumed["zeroshot_seconds_total"]

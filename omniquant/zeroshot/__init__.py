@@ -4,9 +4,15 @@ Task definitions live in ``tasks/`` (the stock lm-eval prompts, targets, choices
 their documents come from the local files under the data root (:mod:`.sources`), or, with no data
 root, lm-eval's stock tasks load them from the HF hub. A task whose files are missing is skipped
 with a message and recorded in ``zeroshot_skipped``; the others still run.
+
+With a ``cache`` path every scored request is written to lm-eval's SQLite request cache as it
+completes, so an interrupted evaluation resumes where it stopped; the path must be keyed by the
+model's weights (:func:`fingerprint`), since lm-eval keys requests by their text alone.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import time
 from functools import partial
 from pathlib import Path
@@ -27,6 +33,22 @@ TASK_DIR = Path(__file__).resolve().parent / "tasks"
 def result_key(task: str, local: bool) -> str:
     """Metric-key prefix: a task read from a derived local copy is labelled ``<task>_derived``."""
     return f"{task}_derived" if local and task in sources.DERIVED else task
+
+
+def fingerprint(model: nn.Module, *labels: str) -> str:
+    """A short hash of the model's weights and ``labels`` (e.g. the activation setting, not in the weights)."""
+    digest = hashlib.blake2b(digest_size=8)
+    for label in labels:
+        digest.update(label.encode())
+    for name, tensor in model.state_dict().items():
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data)
+    return digest.hexdigest()
+
+
+def _spent_file(cache: Path, tasks: Sequence[str], limit: int | None) -> Path:
+    key = hashlib.blake2b(json.dumps([sorted(tasks), limit]).encode(), digest_size=4).hexdigest()
+    return cache.with_name(f"{cache.name}-{key}.seconds.json")
 
 
 def validate(tasks: Sequence[str], metric: str) -> None:
@@ -53,8 +75,13 @@ def task_config(task: str, root: Path | None) -> dict[str, Any] | str:
 
 
 def evaluate(model: nn.Module, tokenizer, tasks: Sequence[str], root: Path | None, *, limit: int | None,
-             batch_size: int, metric: str, device: torch.device) -> dict[str, Any]:
-    """``<task>_acc``, ``<task>_acc_norm`` (where the task defines it), ``zeroshot_avg`` and bookkeeping."""
+             batch_size: int, metric: str, device: torch.device, cache: Path | None = None) -> dict[str, Any]:
+    """``<task>_acc``, ``<task>_acc_norm`` (where the task defines it), ``zeroshot_avg`` and bookkeeping.
+
+    ``zeroshot_seconds`` is this run's wall time; with a ``cache``, ``zeroshot_seconds_total`` is the time
+    the results cost: this run plus the interrupted runs of the same tasks and limit it resumed from
+    (or, when an earlier run completed them, that run's total).
+    """
     validate(tasks, metric)
     skipped: dict[str, str] = {}
     present = []
@@ -74,12 +101,29 @@ def evaluate(model: nn.Module, tokenizer, tasks: Sequence[str], root: Path | Non
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
-    start = time.perf_counter()
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(device))
-    out = lm_eval.simple_evaluate(model=lm, tasks=[task_config(t, root) for t in present], num_fewshot=0,
-                                  limit=limit, task_manager=TaskManager(), log_samples=False,
-                                  bootstrap_iters=1000, random_seed=0, numpy_random_seed=0, torch_random_seed=0)
-    results["zeroshot_seconds"] = time.perf_counter() - start
+    spent_file = _spent_file(cache, present, limit) if cache is not None else None
+    spent = json.loads(spent_file.read_text()) if spent_file and spent_file.is_file() else {"seconds": 0.0}
+    if cache is not None:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        if spent["seconds"] and not spent.get("complete"):
+            print(f"omniquant: zero-shot: resuming from the request cache {cache}_rank0.db "
+                  f"({spent['seconds']:.0f} s spent before)")
+    start, complete = time.perf_counter(), False
+    try:
+        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(device))
+        out = lm_eval.simple_evaluate(model=lm, tasks=[task_config(t, root) for t in present], num_fewshot=0,
+                                      limit=limit, task_manager=TaskManager(include_defaults=root is None),
+                                      log_samples=False, use_cache=None if cache is None else str(cache),
+                                      bootstrap_iters=1000, random_seed=0, numpy_random_seed=0, torch_random_seed=0)
+        complete = True
+    finally:
+        seconds = time.perf_counter() - start
+        if spent_file is not None and not spent.get("complete"):  # a complete entry already holds the cost
+            spent = {"seconds": spent["seconds"] + seconds, "complete": complete}
+            spent_file.write_text(json.dumps(spent))
+    results["zeroshot_seconds"] = seconds
+    if spent_file is not None:
+        results["zeroshot_seconds_total"] = spent["seconds"]
     averaged = []
     for task in present:
         res, key = out["results"][task], result_key(task, root is not None)
