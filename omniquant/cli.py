@@ -3,6 +3,8 @@
     omniquant prepare-default OUT_DIR
     omniquant quantize MODEL OUT_DIR --wbits 3 --group-size 128 [--method rtn]
     omniquant ppl MODEL [--dataset wikitext2] [--max-windows N] [--data-root DIR]
+    omniquant pack QUANTIZED_DIR OUT_FILE          (a quantize-stage output -> low-bit packed file)
+    omniquant export QUANTIZED_DIR OUT_DIR --format compressed-tensors|awq|gguf
 """
 from __future__ import annotations
 
@@ -14,12 +16,15 @@ from pathlib import Path
 import torch
 
 from omniquant import data as datalib
-from omniquant.errors import exit_on_user_error
+from omniquant import export as export_lib
+from omniquant.errors import UserError, exit_on_user_error
 from omniquant.methods import quantize_
 from omniquant.models import checkpoint_dir, load_model, prepare_model
 from omniquant.models.smollm2 import PINNED_WHEEL
+from omniquant.packing import read_qparams, save_packed
 from omniquant.perplexity import perplexity
 from omniquant.setting import QuantSetting
+from omniquant.tables import bits
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -41,7 +46,26 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--seqlen", type=int, default=2048)
     e.add_argument("--max-windows", type=int, default=None)
     e.add_argument("--data-root", default=None, help=f"default: ${datalib.DATA_DIR_ENV}, else the HF hub")
+    pk = sub.add_parser("pack", help="pack a quantize-stage output into the low-bit layout (omniquant.packing)")
+    pk.add_argument("quantized_dir")
+    pk.add_argument("out_file")
+    ex = sub.add_parser("export", help="export a quantize-stage output for another engine")
+    ex.add_argument("quantized_dir")
+    ex.add_argument("out_dir")
+    ex.add_argument("--format", required=True, choices=sorted(export_lib.FORMATS))
+    for cmd in (pk, ex):
+        cmd.add_argument("--symmetric", action="store_true", help="the setting was symmetric")
     return p
+
+
+def _stage_setting(quantized_dir: str, symmetric: bool) -> QuantSetting:
+    """The setting recorded by the quantize stage in ``quant_record.json``."""
+    record = Path(quantized_dir) / "quant_record.json"
+    if not record.is_file():
+        raise UserError(f"{record} not found: pass a quantize-stage output directory")
+    name = json.loads(record.read_text())["setting"]
+    wbits, abits, group = bits(name)
+    return QuantSetting(name, wbits, abits, group, symmetric)
 
 
 def _device() -> torch.device:
@@ -72,6 +96,21 @@ def main(argv: list[str] | None = None) -> None:
         model.save_pretrained(args.out_dir)
         tok.save_pretrained(args.out_dir)
         print(json.dumps({"out_dir": args.out_dir, "quant_seconds": seconds}))
+    elif args.cmd == "pack":
+        setting = _stage_setting(args.quantized_dir, args.symmetric)
+        if setting.weight_spec is None:
+            raise UserError(f"setting {setting.name} does not quantize weights: nothing to pack")
+        model, _ = load_model(args.quantized_dir, torch.float32, torch.device("cpu"))
+        qparams = read_qparams(Path(args.quantized_dir) / "qparams.safetensors")
+        try:
+            path = save_packed(args.out_file, model, qparams, setting.weight_spec)
+        except ValueError as err:
+            raise UserError(str(err)) from None
+        print(json.dumps({"packed": str(path), "packed_bytes": path.stat().st_size}))
+    elif args.cmd == "export":
+        setting = _stage_setting(args.quantized_dir, args.symmetric)
+        out = export_lib.export(export_lib.load_quantized(args.quantized_dir, setting), args.format, args.out_dir)
+        print(json.dumps({"format": args.format, "written": str(out)}))
     else:
         device = _device()
         model, tok = load_model(_existing_model(args.model), _dtype(device), device)

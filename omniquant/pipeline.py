@@ -26,10 +26,13 @@ from omniquant.errors import UserError
 from omniquant.metrics import metrics_path, peak_rss_gb, read_json, write_json
 from omniquant.perplexity import perplexity
 from omniquant.setting import QuantSetting
+from omniquant import packing
 from omniquant import tables as tables_lib
+from omniquant.packed import bits_per_weight, load_packed_model
 from omniquant.tracking import log_run, log_tables
 
 RECORD = "quant_record.json"
+PACKED_FILE = "model.packed.safetensors"
 RECORD_METRICS = ("quant_seconds", "peak_rss_gb", "peak_mem_gb", "nan_retries", "calib_epochs", "calib_batch_size",
                   "calib_nsamples", "calib_seqlen")
 
@@ -50,6 +53,10 @@ class Cell:
     @property
     def quantized_dir(self) -> Path:
         return self.out / "artifacts" / "quantized" / self.model / self.setting.name / self.method
+
+    @property
+    def packed_file(self) -> Path:
+        return self.out / "artifacts" / "packed" / self.model / self.setting.name / self.method / PACKED_FILE
 
     @property
     def calib_file(self) -> Path:
@@ -281,9 +288,10 @@ def evaluate_perplexity(cfg: DictConfig, model, tokenizer, model_name: str) -> d
 
 def _finish(cfg: DictConfig, cell: Cell, results: dict[str, Any], record: dict[str, Any],
             kind: str = "ppl") -> dict[str, Any]:
-    """Merge the quant record, write the cell's metrics JSON (``kind``: ppl or zeroshot), log it to MLflow.
+    """Merge the quant record, write the cell's metrics JSON (``kind``: ppl, zeroshot, zeroshot_full or
+    packed), log it to MLflow.
 
-    Zero-shot metrics go into the MLflow run of the cell's perplexity evaluation when there is one.
+    Zero-shot and packed metrics go into the MLflow run of the cell's perplexity evaluation when there is one.
     """
     results = results | {k: record[k] for k in RECORD_METRICS if k in record} | {"eval_peak_rss_gb": peak_rss_gb()}
     metrics = {"model": cell.model, "setting": cell.setting.name, "method": cell.method} | results
@@ -329,6 +337,40 @@ def eval_ppl(cfg: DictConfig) -> dict[str, Any]:
     _check_eval_data(cfg)
     model, tokenizer, record = _load_evaluated(cfg, cell)
     return _finish(cfg, cell, evaluate_perplexity(cfg, model, tokenizer, cell.model), record)
+
+
+def pack(cfg: DictConfig) -> dict[str, Any]:
+    """Pack the quantize stage's weights into the low-bit layout (:mod:`omniquant.packing`), rebuild the
+    model from the packed file alone and evaluate it with the perplexity code; writes
+    ``metrics/<model>/<setting>/<method>.packed.json`` (``packed_<dataset>_ppl``, sizes, bits per weight)."""
+    cell = cell_of(cfg)
+    spec = cell.setting.weight_spec
+    if spec is None or cell.setting.act_spec is not None:
+        raise UserError(f"pack: {cell.setting.name} is not a weight-only setting; pack wNa16 cells (activations "
+                        "of weight-activation settings are quantized at run time)")
+    _check_eval_data(cfg)
+    model, tokenizer, record = _load_evaluated(cfg, cell)
+    qparams = packing.read_qparams(cell.quantized_dir / "qparams.safetensors")
+    staging = cell.packed_file.parent.with_name(cell.method + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        packing.save_packed(staging / PACKED_FILE, model.cpu(), qparams, spec)
+    except ValueError as err:
+        raise UserError(f"pack {cell.run_name}: {err}") from None
+    tokenizer.save_pretrained(staging)
+    del model
+    shutil.rmtree(cell.packed_file.parent, ignore_errors=True)
+    staging.rename(cell.packed_file.parent)
+    packed = load_packed_model(cell.packed_file).to(device_of(cfg))
+    ppl = evaluate_perplexity(cfg, packed, tokenizer, f"{cell.model} packed")
+    base = Path(_base_checkpoint(cfg))
+    results = {f"packed_{k}" if k.endswith("_ppl") else k: v for k, v in ppl.items()} | {
+        "packed_bytes": cell.packed_file.stat().st_size,
+        "fp_bytes": sum(f.stat().st_size for f in base.glob("*.safetensors")),
+        "bits_per_weight": bits_per_weight(packed),
+    }
+    return _finish(cfg, cell, results, record, kind="packed")
 
 
 def _zeroshot_root(cfg: DictConfig) -> Path | None:

@@ -1,11 +1,12 @@
 """Paper-style tables and plots from the per-cell metrics files
-(``metrics/<model>/<setting>/<method>[.zeroshot|.zeroshot_full].json``).
+(``metrics/<model>/<setting>/<method>[.zeroshot|.zeroshot_full|.packed].json``).
 
 - Table 1: weight-only perplexity, rows setting x method, WikiText-2 and PTB per model, and the
   paper's LLaMA-2-7B WikiText-2 column beside them.
 - Table 2: zero-shot accuracy (%) for FP and the weight-activation settings, with the paper's
   LLaMA-1-7B rows below ours.
 - Table A1: quantization time and peak memory per model, setting and method.
+- Packed table: the packed checkpoint's perplexity beside the fake-quantized model's, sizes, bits per weight.
 - ``plot_perplexity``: perplexity against weight bits per method (log scale), one panel per model.
 """
 from __future__ import annotations
@@ -24,7 +25,7 @@ from omniquant.zeroshot import AVERAGED
 SETTING_ORDER = ["fp16", "w4a16g128", "w4a16g64", "w4a16g32", "w4a16", "w3a16g128", "w3a16g64", "w3a16",
                  "w2a16g128", "w2a16g64", "w2a16", "w8a8", "w6a6", "w4a8", "w4a4"]
 METHOD_ORDER = ["fp", "rtn", "gptq", "awq", "smoothquant", "omniquant"]
-ZEROSHOT_FILE = re.compile(r"\.zeroshot(_full)?\.json$")  # first-N-documents runs, full-set runs
+KIND = re.compile(r"\.(zeroshot|zeroshot_full|packed)\.json$")  # no suffix: perplexity
 TASK_TITLES = {"piqa": "PIQA", "arc_easy": "ARC-e", "arc_challenge": "ARC-c", "boolq": "BoolQ",
                "hellaswag": "HellaSwag", "winogrande": "WinoGrande"}
 ZEROSHOT_COLUMNS = [(task, TASK_TITLES[task]) for task in AVERAGED]  # the paper's six, in its order
@@ -70,12 +71,23 @@ def _key(m: Metrics) -> tuple:
     return (_rank(SETTING_ORDER, m["setting"]), m["setting"], _rank(METHOD_ORDER, m["method"]), m["method"])
 
 
-def load_metrics(root: str | Path) -> tuple[list[Metrics], list[Metrics]]:
-    """(perplexity metrics, zero-shot metrics) under ``root``, each sorted by setting then method."""
-    files = sorted(Path(root).rglob("*.json"))
-    ppl = [json.loads(p.read_text()) for p in files if not ZEROSHOT_FILE.search(p.name)]
-    zs = [json.loads(p.read_text()) for p in files if ZEROSHOT_FILE.search(p.name)]
-    return sorted(ppl, key=_key), sorted(zs, key=_key)
+@dataclass
+class Records:
+    """Metrics records by kind, each sorted by setting then method."""
+
+    ppl: list[Metrics]
+    zeroshot: list[Metrics]  # first-N-document and full-set runs
+    packed: list[Metrics]
+
+
+def load_metrics(root: str | Path) -> Records:
+    """Every metrics file under ``root``, by kind."""
+    kinds: dict[str, list[Metrics]] = {"ppl": [], "zeroshot": [], "packed": []}
+    for path in sorted(Path(root).rglob("*.json")):
+        match = KIND.search(path.name)
+        kind = "ppl" if match is None else match[1].removesuffix("_full")
+        kinds[kind].append(json.loads(path.read_text()))
+    return Records(**{kind: sorted(rows, key=_key) for kind, rows in kinds.items()})
 
 
 def fmt_ppl(value: float | None) -> str:
@@ -231,15 +243,35 @@ def plot_perplexity(ppl: Sequence[Metrics], path: str | Path) -> Path:
     return path
 
 
+def table_packed(packed: Sequence[Metrics], ppl: Sequence[Metrics]) -> Table:
+    """Packed checkpoints: WikiText-2 perplexity of the packed model beside the fake-quantized one, sizes."""
+    fake = {(m["model"], m["setting"], m["method"]): m for m in ppl}
+    body = []
+    for m in sorted(packed, key=lambda m: (m["model"], *_key(m))):
+        ref = fake.get((m["model"], m["setting"], m["method"]), {})
+        body.append([m["model"], m["setting"], m["method"], fmt_ppl(ref.get("wikitext2_ppl")),
+                     fmt_ppl(m.get("packed_wikitext2_ppl")), f"{m['packed_bytes'] / 2**20:.1f}",
+                     f"{m['fp_bytes'] / 2**20:.1f}", f"{m['bits_per_weight']:.2f}"])
+    return Table("Packed checkpoints — real low-bit weights",
+                 ["model", "setting", "method", "fake-quant WikiText-2", "packed WikiText-2", "packed MiB",
+                  "FP checkpoint MiB", "bits/weight (linears)"], body,
+                 ["packed: the model rebuilt from the packed file alone (no full-precision linear weights), "
+                  "evaluated by the same perplexity code on the same windows.",
+                  "bits/weight counts codes, scales (fp32) and zero points of the decoder linears; the packed file "
+                  "also holds the embeddings, norms and head in the checkpoint dtype."])
+
+
 def write_tables(metrics_root: str | Path, out: str | Path, metric: str = "acc") -> list[Path]:
-    """``table1``, ``table2``, ``tableA1`` (.md and .csv) and ``ppl_vs_bits.png`` under ``out``."""
-    ppl, zs = load_metrics(metrics_root)
+    """``table1``, ``table2``, ``tableA1``, ``table_packed`` (.md and .csv) and ``ppl_vs_bits.png`` under ``out``."""
+    records = load_metrics(metrics_root)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     written = []
-    for name, table in (("table1", table1(ppl)), ("table2", table2(zs, metric)), ("tableA1", tableA1(ppl))):
+    tables = (("table1", table1(records.ppl)), ("table2", table2(records.zeroshot, metric)),
+              ("tableA1", tableA1(records.ppl)), ("table_packed", table_packed(records.packed, records.ppl)))
+    for name, table in tables:
         for suffix, text in ((".md", table.markdown()), (".csv", table.csv())):
             (out / f"{name}{suffix}").write_text(text)
             written.append(out / f"{name}{suffix}")
-    written.append(plot_perplexity(ppl, out / "ppl_vs_bits.png"))
+    written.append(plot_perplexity(records.ppl, out / "ppl_vs_bits.png"))
     return written

@@ -2,7 +2,7 @@
 
 ``python -m pipelines.compose_params [grid=smoke] [--check]``. The file holds the grid that
 ``dvc.yaml`` templates over (``grid.cells``: the union of the grid's settings x methods blocks,
-keyed ``<model>-<setting>-<method>``; ``grid.zeroshot_cells`` likewise for the zero-shot stage) and the composed default config, for reference; each DVC
+keyed ``<model>-<setting>-<method>``; ``grid.zeroshot_cells`` likewise for the zero-shot stage, ``grid.pack_cells`` for the pack stage) and the composed default config, for reference; each DVC
 cell tracks its own ``conf/**.yaml`` files as params. ``--check`` exits 1 if the file is stale.
 """
 from __future__ import annotations
@@ -46,6 +46,11 @@ def zeroshot_cells(grid: dict) -> dict[str, dict[str, str]]:
     return cells
 
 
+def pack_cells(grid: dict) -> dict[str, dict[str, str]]:
+    """Cells of the pack stage: the grid's ``pack`` blocks (weight-only settings)."""
+    return grid_cells(grid["models"], (grid.get("pack") or {"blocks": []})["blocks"])
+
+
 def compose_params(overrides: list[str]) -> str:
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose("config", overrides=overrides)
@@ -54,6 +59,7 @@ def compose_params(overrides: list[str]) -> str:
     grid = composed.pop("grid")
     grid["cells"] = grid_cells(grid["models"], grid["blocks"])
     grid["zeroshot_cells"] = zeroshot_cells(grid)
+    grid["pack_cells"] = pack_cells(grid)
     return HEADER + yaml.safe_dump({"grid": grid, "config": composed}, sort_keys=False)
 
 

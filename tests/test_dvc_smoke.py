@@ -44,6 +44,11 @@ def test_dvc_repro_smoke_grid(tmp_path, data_root):
         zs = json.loads((work / "metrics" / "tiny-llama" / setting / f"{method}.zeroshot.json").read_text())
         assert zs["winogrande_n"] == 2 and zs["zeroshot_limit"] == 2 and 0 <= zs["zeroshot_avg"] <= 1
     assert not (work / "metrics" / "tiny-llama" / "w4a4" / "rtn.zeroshot.json").exists()
+    for method in ("rtn", "omniquant"):  # the smoke grid's pack cells
+        packed = json.loads((work / "metrics" / "tiny-llama" / "w4a16g128" / f"{method}.packed.json").read_text())
+        fake = json.loads((work / "metrics" / "tiny-llama" / "w4a16g128" / f"{method}.json").read_text())
+        assert packed["packed_wikitext2_ppl"] == pytest.approx(fake["wikitext2_ppl"], rel=1e-4)
+    assert "| tiny-llama | w4a16g128 | omniquant |" in (work / "results" / "table_packed.md").read_text()
     assert "| fp16 | fp |" in (work / "results" / "table1.md").read_text()  # the tables stage ran last
     assert (work / "results" / "ppl_vs_bits.png").is_file() and (work / "results" / "table2.csv").is_file()
     assert (work / "dvc.lock").is_file()

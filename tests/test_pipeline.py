@@ -151,3 +151,26 @@ def test_joblib_multirun_sweep_nests_cell_runs_and_leaves_dvc_outputs_alone(tmp_
     cells = runs[runs["tags.omniquant.role"].isna()]
     assert sorted(cells["tags.mlflow.runName"]) == ["tiny-llama/w3a16g128/rtn", "tiny-llama/w4a16g128/rtn"]
     assert set(cells["tags.mlflow.parentRunId"]) == {parents.iloc[0]["run_id"]}
+
+
+@pytest.mark.parametrize("quant", ["w4a16g128", "w3a16g128"])
+def test_pack_stage_packed_model_matches_fake_quant(make_cfg, data_root, tmp_path, quant):
+    """pack: a file holding no full-precision linear weights, whose model scores the fake-quant perplexity."""
+    cfg = make_cfg(*SMOKE, f"quant={quant}", "method=rtn", f"data.root={data_root}")
+    pipeline.prepare_model(cfg)
+    pipeline.quantize(cfg)
+    fake = pipeline.eval_ppl(cfg)
+    packed = pipeline.pack(cfg)
+    assert packed["packed_wikitext2_ppl"] == pytest.approx(fake["wikitext2_ppl"], rel=1e-4)
+    assert packed["packed_bytes"] < packed["fp_bytes"] and 3 < packed["bits_per_weight"] < int(quant[1]) + 1
+    saved = read_json(tmp_path / f"metrics/tiny-llama/{quant}/rtn.packed.json")
+    assert saved["packed_bytes"] == (tmp_path / f"artifacts/packed/tiny-llama/{quant}/rtn/model.packed.safetensors").stat().st_size
+    stored = load_file(str(tmp_path / f"artifacts/packed/tiny-llama/{quant}/rtn/model.packed.safetensors"))
+    assert not any(k.endswith("proj.weight") for k in stored)  # no full-precision linear weights
+
+
+def test_pack_refuses_weight_activation_settings(make_cfg, data_root):
+    from omniquant.errors import UserError
+
+    with pytest.raises(UserError, match="not a weight-only setting"):
+        pipeline.pack(make_cfg(*SMOKE, "quant=w4a4", "method=rtn", f"data.root={data_root}"))

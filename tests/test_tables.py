@@ -5,7 +5,7 @@ import json
 import pytest
 
 from omniquant import paper
-from omniquant.tables import bits, load_metrics, table1, table2, tableA1, write_tables
+from omniquant.tables import bits, load_metrics, table1, table2, table_packed, tableA1, write_tables
 
 
 def _write(root, setting, method, suffix="", **values):
@@ -27,6 +27,8 @@ def metrics(tmp_path):
            hellaswag_derived_acc=0.3, hellaswag_derived_acc_norm=0.4, zeroshot_limit=50)
     _write(root, "fp16", "fp", ".zeroshot", piqa_acc=0.7, boolq_acc=0.5, zeroshot_limit=50)
     _write(root, "fp16", "fp", ".zeroshot_full", piqa_acc=0.8, boolq_acc=0.6, zeroshot_limit=None)
+    _write(root, "w3a16g128", "omniquant", ".packed", packed_wikitext2_ppl=9.5, packed_bytes=3 * 2**20,
+           fp_bytes=12 * 2**20, bits_per_weight=3.57)
     return root
 
 
@@ -35,7 +37,7 @@ def test_setting_names_parse():
 
 
 def test_table1_rows_in_paper_order_with_the_papers_column(metrics):
-    ppl, _ = load_metrics(metrics)
+    ppl = load_metrics(metrics).ppl
     t = table1(ppl)
     assert [r[:2] for r in t.rows] == [["fp16", "fp"], ["w3a16g128", "rtn"], ["w3a16g128", "omniquant"],
                                        ["w2a16g64", "rtn"]]  # w4a4 is weight-activation: not in Table 1
@@ -46,7 +48,7 @@ def test_table1_rows_in_paper_order_with_the_papers_column(metrics):
 
 
 def test_table2_shows_the_chosen_metric_and_the_papers_rows(metrics):
-    _, zs = load_metrics(metrics)
+    zs = load_metrics(metrics).zeroshot
     acc, norm = table2(zs, "acc"), table2(zs, "acc_norm")
     ours = {tuple(r[:2]): r[2:] for r in acc.rows}
     assert ours[("w4a4", "rtn")][:6] == ["60.0", "–", "–", "50.0", "30.0", "–"]
@@ -59,8 +61,15 @@ def test_table2_shows_the_chosen_metric_and_the_papers_rows(metrics):
     assert ("w4a4", "omniquant (paper, LLaMA-1-7B)") in ours
 
 
+def test_packed_table_puts_packed_beside_fake_quant_perplexity(metrics):
+    records = load_metrics(metrics)
+    assert len(records.ppl) == 5  # packed and zero-shot records are not perplexity rows
+    t = table_packed(records.packed, records.ppl)
+    assert t.rows == [["m", "w3a16g128", "omniquant", "9.50", "9.50", "3.0", "12.0", "3.57"]]
+
+
 def test_tableA1_lists_quantized_cells_with_their_budget(metrics):
-    ppl, _ = load_metrics(metrics)
+    ppl = load_metrics(metrics).ppl
     rows = tableA1(ppl).rows
     assert ["m", "w3a16g128", "omniquant", "30", "1.50", "32 × 512", "6"] in rows
     assert all(r[2] != "fp" for r in rows)
@@ -69,7 +78,7 @@ def test_tableA1_lists_quantized_cells_with_their_budget(metrics):
 def test_write_tables_writes_markdown_csv_and_plot(metrics, tmp_path):
     written = write_tables(metrics, tmp_path / "results")
     assert {p.name for p in written} == {"table1.md", "table1.csv", "table2.md", "table2.csv", "tableA1.md",
-                                         "tableA1.csv", "ppl_vs_bits.png"}
+                                         "tableA1.csv", "table_packed.md", "table_packed.csv", "ppl_vs_bits.png"}
     with open(tmp_path / "results" / "table1.csv", newline="") as fh:
         rows = list(csv.reader(fh))
     assert rows[0][:3] == ["setting", "method", "m WikiText-2"] and len(rows) == 5

@@ -1,0 +1,121 @@
+"""Inference on packed weights: :class:`PackedLinear` and a model built from a packed file alone.
+
+``PackedLinear`` keeps only the packed tensors of :mod:`omniquant.packing`. Its forward picks:
+
+- CUDA input, Triton importable, grouped weight (group a multiple of 32), at most
+  :data:`omniquant.kernels.MAX_ROWS` rows: the fused Triton dequantize-matmul kernel;
+- CPU input, 4-bit, group 32/64/128/256, ``out`` a multiple of 16: torch's int4 kernel
+  (``aten._weight_int4pack_mm_for_cpu``). It computes ``w = (q - 8)·s + m`` per group, so our
+  ``(q - z)·s`` maps exactly onto ``m = (8 - z)·s``. It needs whole groups, so a short last group
+  is padded (codes and input with zeros, which adds nothing). Its tile layout is built on the
+  first CPU forward (per input dtype) and cached on the module. In torch 2.13 the kernel is
+  vectorized for bfloat16 inputs only; for float32 it is much slower than a dense float32
+  matmul but still several times faster than dequantizing on every forward;
+- otherwise: dequantize to the input dtype, then ``F.linear`` (bit-identical to the
+  fake-quantized model).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from omniquant import kernels
+from omniquant.packing import PACKED_TENSORS, PackedWeight, load_packed, spec_of
+
+INT4_CPU_GROUPS = (32, 64, 128, 256)
+INT4_CPU_OFFSET = 8  # torch's int4 kernels decode q - 8
+INT4_INNER_K_TILES = 2
+
+
+class PackedLinear(nn.Module):
+    """A linear layer on packed low-bit weights (no full-precision weight is held)."""
+
+    def __init__(self, weight: PackedWeight, bias: torch.Tensor | None = None):
+        super().__init__()
+        for name, t in weight.tensors().items():
+            self.register_buffer(name, t)
+        self.register_buffer("bias", bias)
+        self.in_features, self.out_features, self.spec = weight.in_features, weight.out_features, weight.spec
+        self.int4_cpu = (  # CPU forwards use torch's int4 kernel
+            self.spec.bits == 4 and self.spec.group_size in INT4_CPU_GROUPS and self.out_features % 16 == 0
+        )
+        self._int4: tuple[torch.dtype, torch.Tensor, torch.Tensor] | None = None
+
+    @property
+    def packed(self) -> PackedWeight:
+        return PackedWeight(self.qweight, self.scales, self.qzeros, self.in_features, self.spec)
+
+    def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return self.packed.dequantize().to(dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.numel() // self.in_features
+        if x.is_cuda and rows <= kernels.MAX_ROWS and kernels.supports(self.packed) and kernels.available():
+            y = kernels.quant_matmul(x, self.packed)
+        elif x.device.type == "cpu" and self.int4_cpu:
+            y = self._int4_matmul(x)
+        else:
+            return F.linear(x, self.dequantized_weight(x.dtype), self.bias)
+        return y if self.bias is None else y + self.bias
+
+    def _int4_matmul(self, x: torch.Tensor) -> torch.Tensor:
+        pad = self.scales.shape[1] * self.spec.group_size - self.in_features  # short last group
+        if self._int4 is None or self._int4[0] != x.dtype:
+            packed = self.packed
+            codes = F.pad(packed.codes().to(torch.int32), (0, pad))
+            offset = (INT4_CPU_OFFSET - packed.zeros()) * self.scales
+            scales_and_zeros = torch.stack([self.scales.T, offset.T], dim=-1).to(x.dtype).contiguous()
+            tiles = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, INT4_INNER_K_TILES)
+            self._int4 = (x.dtype, tiles, scales_and_zeros)
+        _, tiles, scales_and_zeros = self._int4
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(
+            F.pad(x.reshape(-1, self.in_features), (0, pad)).contiguous(), tiles, self.spec.group_size, scales_and_zeros
+        )
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:
+        self._int4 = None  # new packed data: rebuild the int4 tiles on the next forward
+        super()._load_from_state_dict(*args, **kwargs)
+
+    def extra_repr(self) -> str:
+        bias = self.bias is not None
+        return f"in_features={self.in_features}, out_features={self.out_features}, {self.spec.tag}, bias={bias}"
+
+
+def load_packed_model(path: str | Path) -> nn.Module:
+    """An HF causal LM built from a packed checkpoint alone, its quantized linears as :class:`PackedLinear`."""
+    tensors, header = load_packed(path)
+    spec = spec_of(header)
+    config = AutoConfig.for_model(**header["config"])
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, header["dtype"]))
+    for name, (_, in_features) in header["linears"].items():
+        weight = PackedWeight(*(tensors[f"{name}.{t}"] for t in PACKED_TENSORS), in_features, spec)
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, PackedLinear(weight, tensors.get(f"{name}.bias")))
+    tensors |= {alias: tensors[stored] for alias, stored in header["aliases"].items()}
+    model.load_state_dict(tensors, strict=True, assign=True)
+    for module in model.modules():  # non-persistent buffers (rotary inv_freq) are not in the file
+        if any(b.is_meta for b in module.buffers(recurse=False)):
+            module.to_empty(device="cpu", recurse=False)
+            model._init_weights(module)
+    return model.eval()
+
+
+def byte_counts(model: nn.Module) -> dict[str, int]:
+    """Bytes of the packed linears (codes, scales, zeros), of every other tensor, and in total."""
+    linears = sum(m.packed.nbytes for m in model.modules() if isinstance(m, PackedLinear))
+    tensors = {t.data_ptr(): t for t in model.state_dict().values()}  # tied tensors once
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    return {"packed_linears": linears, "other": total - linears, "total": total}
+
+
+def bits_per_weight(model: nn.Module) -> float:
+    """Stored bits per weight over all packed linears, scales and zero points included."""
+    layers = [m for m in model.modules() if isinstance(m, PackedLinear)]
+    weights = sum(m.in_features * m.out_features for m in layers)
+    return 8 * sum(m.packed.nbytes for m in layers) / weights

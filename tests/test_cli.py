@@ -1,0 +1,39 @@
+"""The `omniquant` CLI's pack and export commands on a quantize-stage output of the tiny model."""
+import json
+
+import pytest
+import torch
+
+from omniquant import cli, pipeline
+from omniquant.packed import load_packed_model
+
+
+@pytest.fixture
+def quantized(make_cfg, data_root):
+    cfg = make_cfg("model=tiny-llama", "profile=smoke", "quant=w4a16g32", "method=rtn", f"data.root={data_root}")
+    pipeline.prepare_model(cfg)
+    return pipeline.quantize(cfg)
+
+
+def test_pack_and_export_commands(quantized, tmp_path, capsys):
+    cli.main(["pack", str(quantized), str(tmp_path / "model.packed.safetensors")])
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["packed_bytes"] > 0
+    fake, _ = pipeline.models.load_model(str(quantized), torch.float32, torch.device("cpu"))
+    packed = load_packed_model(tmp_path / "model.packed.safetensors")
+    ids = torch.arange(12).reshape(1, -1)
+    with torch.no_grad():
+        torch.testing.assert_close(packed(ids).logits, fake(ids).logits, rtol=1e-4, atol=1e-4)
+    for fmt in ("compressed-tensors", "gguf"):
+        cli.main(["export", str(quantized), str(tmp_path / fmt), "--format", fmt])
+        assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["format"] == fmt
+    assert (tmp_path / "compressed-tensors" / "config.json").is_file()
+    assert list((tmp_path / "gguf").glob("*.gguf"))
+
+
+def test_export_of_a_setting_the_format_cannot_hold_is_one_clear_line(quantized, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["export", str(quantized), str(tmp_path / "awq"), "--format", "awq"])
+    assert exit_info.value.code != 0
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line.lower()]
+    assert len(errors) == 1 and errors[0].startswith("omniquant: error: awq export cannot represent setting w4a16g32")
+    assert "Traceback" not in errors[0] and not (tmp_path / "awq").exists()

@@ -1,0 +1,91 @@
+"""Low-bit matmul paths: torch's int4 CPU kernel in PackedLinear, and the Triton kernels.
+
+Without a GPU the Triton kernels run under the Triton interpreter on CPU tensors.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # read when the kernel module first imports triton
+
+from omniquant import kernels
+from omniquant.packed import PackedLinear
+from omniquant.packing import PackedWeight, pack_weight
+from omniquant.quantizer import QuantSpec, quantize_weight
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+needs_triton = pytest.mark.skipif(
+    not kernels.available(), reason="triton is not installed (pip install triton; it runs here via TRITON_INTERPRET=1)"
+)
+
+
+def packed_weight(spec: QuantSpec, out: int, cols: int, device: str = "cpu") -> PackedWeight:
+    gen = torch.Generator().manual_seed(spec.bits * 1000 + (spec.group_size or 0))
+    return pack_weight(*quantize_weight(torch.randn(out, cols, generator=gen).to(device), spec), spec)
+
+
+def inputs(rows: int, cols: int, dtype: torch.dtype = torch.float32, device: str = "cpu") -> torch.Tensor:
+    return torch.randn(rows, cols, generator=torch.Generator().manual_seed(rows)).to(device, dtype)
+
+
+@pytest.mark.parametrize("cols", [256, 200], ids=["whole-groups", "short-last-group"])
+@pytest.mark.parametrize("spec", [QuantSpec(4, 64), QuantSpec(4, 128), QuantSpec(4, 128, symmetric=True)],
+                         ids=lambda s: s.tag)
+def test_int4_cpu_path_matches_dequantized_reference(spec, cols):
+    layer = PackedLinear(packed_weight(spec, 48, cols), bias=torch.randn(48))
+    assert layer.int4_cpu
+    x = inputs(6, cols).reshape(2, 3, cols)
+    expected = F.linear(x, layer.dequantized_weight(), layer.bias)
+    torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("spec", [QuantSpec(3, 64), QuantSpec(4, 16), QuantSpec(4, None)], ids=lambda s: s.tag)
+def test_other_cpu_weights_use_the_dequantized_reference(spec):
+    layer = PackedLinear(packed_weight(spec, 48, 128))
+    assert not layer.int4_cpu
+    x = inputs(3, 128)
+    assert torch.equal(layer(x), F.linear(x, layer.dequantized_weight()))
+
+
+def test_kernels_package_imports_without_triton(monkeypatch):
+    monkeypatch.setitem(sys.modules, "triton", None)  # `import triton` fails, find_spec returns None
+    monkeypatch.delitem(sys.modules, "omniquant.kernels.triton_matmul", raising=False)
+    module = importlib.reload(kernels)
+    assert not module.available()
+    with pytest.raises(ImportError):
+        module.quant_matmul(inputs(1, 64), packed_weight(QuantSpec(4, 64), 32, 64))
+
+
+def test_kernel_rejects_unsupported_groups():
+    assert not kernels.supports(packed_weight(QuantSpec(4, None), 32, 64))
+    with pytest.raises(ValueError, match="multiple of 32"):
+        kernels.quant_matmul(inputs(1, 48), packed_weight(QuantSpec(4, 48), 32, 48))
+
+
+@needs_triton
+@pytest.mark.parametrize("group", [64, 128])
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_triton_kernel_matches_dequantized_reference(bits, group):
+    # 200 inputs: a short last group, a partial last word and K tiles past the packed row; 40 outputs: a partial N tile
+    weight = packed_weight(QuantSpec(bits, group), 40, 200, DEVICE)
+    dtype = torch.float16 if DEVICE == "cuda" else torch.float32
+    tol = {"rtol": 1e-2, "atol": 1e-2} if dtype == torch.float16 else {"rtol": 1e-5, "atol": 1e-4}
+    for rows, split_k in ((1, 1), (5, 2), (17, None)):  # decode, small batch (split-K), two M tiles
+        x = inputs(rows, 200, dtype, DEVICE)
+        expected = F.linear(x, weight.dequantize().to(dtype))
+        torch.testing.assert_close(kernels.quant_matmul(x, weight, split_k), expected, **tol)
+
+
+@needs_triton
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="PackedLinear dispatches to Triton only for CUDA inputs")
+def test_packed_linear_uses_triton_on_cuda():
+    layer = PackedLinear(packed_weight(QuantSpec(3, 128), 64, 256)).cuda()
+    x = inputs(2, 256, torch.float16, "cuda")
+    torch.testing.assert_close(layer(x), F.linear(x, layer.dequantized_weight(torch.float16)), rtol=1e-2, atol=1e-2)
