@@ -373,6 +373,49 @@ def pack(cfg: DictConfig) -> dict[str, Any]:
     return _finish(cfg, cell, results, record, kind="packed")
 
 
+def mlc_compile(cfg: DictConfig) -> dict[str, Any]:
+    """MLC-LLM artifacts of the cell and its TVM build (``llvm``; CUDA when a GPU is present), logits
+    checked against the PyTorch packed model; writes ``metrics/<model>/<setting>/<method>.mlc.json``."""
+    cell = cell_of(cfg)
+    if not cell.packed_file.is_file():
+        raise UserError(f"{cell.packed_file} not found: run the pack stage for {cell.run_name} first")
+    from omniquant import mlc
+    from omniquant.export import load_quantized
+
+    out = cell.out / "artifacts" / "mlc" / cell.model / cell.setting.name / cell.method
+    shutil.rmtree(out, ignore_errors=True)
+    manifest = mlc.write_mlc_artifacts(load_quantized(cell.quantized_dir, cell.setting), out / "mlc-llm")
+    results = {"mlc_route": manifest["route"], "mlc_quantization": manifest["quantization"]}
+    results |= {f"llvm_{k}": v for k, v in mlc.build_tvm(cell.packed_file, out / "tvm").items()}
+    results["cuda_status"] = ("skipped: the TVM CUDA build is not implemented yet" if torch.cuda.is_available()
+                              else "skipped: no CUDA GPU on this machine")
+    return _finish(cfg, cell, results, {}, kind="mlc")
+
+
+def bench_speed(cfg: DictConfig) -> dict[str, Any]:
+    """Prefill and decode tokens/s, peak memory and share of the bandwidth roofline of the cell's packed
+    model against FP, torch's int4 path and the TVM build; writes ``<method>.speed.json``."""
+    from omniquant import bench
+
+    cell = cell_of(cfg)
+    if not cell.packed_file.is_file():
+        raise UserError(f"{cell.packed_file} not found: run the pack stage for {cell.run_name} first")
+    b, device = cfg.bench, device_of(cfg)
+    config = bench.BenchConfig(prefill_len=int(b.prefill_len), batches=tuple(b.batches),
+                               new_tokens=tuple(b.new_tokens), prompt_len=int(b.prompt_len))
+    results: dict[str, Any] = {"device": bench.device_name(device),
+                               "variants": bench.bench_variants(cell.packed_file, device, tuple(b.variants), config)}
+    if device.type == "cuda":
+        shapes = {"llama2-7b": bench.llama2_7b_config}
+        for name in b.random_shapes:
+            path = cell.out / "artifacts" / "bench" / f"{name}-{cell.setting.name}.packed.safetensors"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            made = bench.random_packed_model(shapes[name](), cell.setting, path)
+            results[f"random_{name}"] = {"note": made["note"], "parameters": made["parameters"],
+                                         "variants": bench.bench_variants(path, device, tuple(b.variants), config)}
+    return _finish(cfg, cell, results, {}, kind="speed")
+
+
 def _zeroshot_root(cfg: DictConfig) -> Path | None:
     zs = cfg.eval.zeroshot
     zeroshot.validate(list(zs.tasks), str(zs.metric))

@@ -7,6 +7,7 @@
   LLaMA-1-7B rows below ours.
 - Table A1: quantization time and peak memory per model, setting and method.
 - Packed table: the packed checkpoint's perplexity beside the fake-quantized model's, sizes, bits per weight.
+- Table 3: prefill and decode tokens/s, memory and roofline share per speed variant, and the TVM build.
 - ``plot_perplexity``: perplexity against weight bits per method (log scale), one panel per model.
 """
 from __future__ import annotations
@@ -25,7 +26,7 @@ from omniquant.zeroshot import AVERAGED
 SETTING_ORDER = ["fp16", "w4a16g128", "w4a16g64", "w4a16g32", "w4a16", "w3a16g128", "w3a16g64", "w3a16",
                  "w2a16g128", "w2a16g64", "w2a16", "w8a8", "w6a6", "w4a8", "w4a4"]
 METHOD_ORDER = ["fp", "rtn", "gptq", "awq", "smoothquant", "omniquant"]
-KIND = re.compile(r"\.(zeroshot|zeroshot_full|packed)\.json$")  # no suffix: perplexity
+KIND = re.compile(r"\.(zeroshot|zeroshot_full|packed|mlc|speed)\.json$")  # no suffix: perplexity
 TASK_TITLES = {"piqa": "PIQA", "arc_easy": "ARC-e", "arc_challenge": "ARC-c", "boolq": "BoolQ",
                "hellaswag": "HellaSwag", "winogrande": "WinoGrande"}
 ZEROSHOT_COLUMNS = [(task, TASK_TITLES[task]) for task in AVERAGED]  # the paper's six, in its order
@@ -78,11 +79,13 @@ class Records:
     ppl: list[Metrics]
     zeroshot: list[Metrics]  # first-N-document and full-set runs
     packed: list[Metrics]
+    mlc: list[Metrics]
+    speed: list[Metrics]
 
 
 def load_metrics(root: str | Path) -> Records:
     """Every metrics file under ``root``, by kind."""
-    kinds: dict[str, list[Metrics]] = {"ppl": [], "zeroshot": [], "packed": []}
+    kinds: dict[str, list[Metrics]] = {"ppl": [], "zeroshot": [], "packed": [], "mlc": [], "speed": []}
     for path in sorted(Path(root).rglob("*.json")):
         match = KIND.search(path.name)
         kind = "ppl" if match is None else match[1].removesuffix("_full")
@@ -261,14 +264,50 @@ def table_packed(packed: Sequence[Metrics], ppl: Sequence[Metrics]) -> Table:
                   "also holds the embeddings, norms and head in the checkpoint dtype."])
 
 
+def _rate(value: float | None) -> str:
+    return "–" if value is None else f"{value:.1f}"
+
+
+def table3(speed: Sequence[Metrics], mlc: Sequence[Metrics]) -> Table:
+    """Speed (the paper's Table 3 analogue): one row per cell and variant, the TVM build check beside."""
+    keys = sorted({k for m in speed for v in m["variants"].values() for k in v.get("decode_tok_s", {})},
+                  key=lambda k: tuple(int(x) for x in re.findall(r"\d+", k)))
+    builds = {(m["model"], m["setting"], m["method"]): m for m in mlc}
+    body = []
+    for m in sorted(speed, key=lambda m: (m["model"], *_key(m))):
+        for variant, r in m["variants"].items():
+            if "skipped" in r:
+                body.append([m["model"], m["setting"], m["method"], variant] + ["–"] * (len(keys) + 4)
+                            + [f"skipped: {r['skipped']}"])
+                continue
+            roof = r["roofline_frac"].get(keys[0]) if keys else None
+            body.append([m["model"], m["setting"], m["method"], variant, _rate(r["prefill_tok_s"])]
+                        + [_rate(r["decode_tok_s"].get(k)) for k in keys]
+                        + [f"{r['peak_mem_gb']:.2f}", f"{r['weight_bytes'] / 2**20:.1f}",
+                           "–" if roof is None else f"{100 * roof:.1f}", r["device"]])
+    notes = [f"decode columns: batch b, n new tokens (greedy); roofline: decode tokens/s at {keys[0] if keys else '–'} "
+             "over (measured memory bandwidth ÷ weight bytes read per token), in %."]
+    for (model, setting, method), b in sorted(builds.items()):
+        notes.append(f"{model} {setting} {method}: TVM llvm build {b.get('llvm_status')}"
+                     + (f", {b['llvm_build_s']:.0f} s, logits max abs error prefill {b['llvm_prefill_max_abs_err']:.1e}"
+                        f" / decode {b['llvm_decode_max_abs_err']:.1e}" if b.get("llvm_status") == "ok" else "")
+                     + f"; CUDA {b.get('cuda_status')}; MLC-LLM artifacts: {b.get('mlc_route')} "
+                       f"({b.get('mlc_quantization')}).")
+    return Table("Table 3 — speed and memory of packed models",
+                 ["model", "setting", "method", "variant", "prefill tok/s"] + [f"decode tok/s {k}" for k in keys]
+                 + ["peak mem (GB)", "weights MiB", "roofline %", "device"], body, notes)
+
+
 def write_tables(metrics_root: str | Path, out: str | Path, metric: str = "acc") -> list[Path]:
-    """``table1``, ``table2``, ``tableA1``, ``table_packed`` (.md and .csv) and ``ppl_vs_bits.png`` under ``out``."""
+    """``table1``, ``table2``, ``tableA1``, ``table_packed``, ``table3`` (.md and .csv) and ``ppl_vs_bits.png``
+    under ``out``."""
     records = load_metrics(metrics_root)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     written = []
     tables = (("table1", table1(records.ppl)), ("table2", table2(records.zeroshot, metric)),
-              ("tableA1", tableA1(records.ppl)), ("table_packed", table_packed(records.packed, records.ppl)))
+              ("tableA1", tableA1(records.ppl)), ("table_packed", table_packed(records.packed, records.ppl)),
+              ("table3", table3(records.speed, records.mlc)))
     for name, table in tables:
         for suffix, text in ((".md", table.markdown()), (".csv", table.csv())):
             (out / f"{name}{suffix}").write_text(text)

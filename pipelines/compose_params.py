@@ -2,7 +2,7 @@
 
 ``python -m pipelines.compose_params [grid=smoke] [--check]``. The file holds the grid that
 ``dvc.yaml`` templates over (``grid.cells``: the union of the grid's settings x methods blocks,
-keyed ``<model>-<setting>-<method>``; ``grid.zeroshot_cells`` likewise for the zero-shot stage, ``grid.pack_cells`` for the pack stage) and the composed default config, for reference; each DVC
+keyed ``<model>-<setting>-<method>``; ``grid.zeroshot_cells`` likewise for the zero-shot stage, ``grid.pack_cells`` / ``grid.speed_cells`` for the pack, mlc_compile and bench_speed stages) and the composed default config, for reference; each DVC
 cell tracks its own ``conf/**.yaml`` files as params. ``--check`` exits 1 if the file is stale.
 """
 from __future__ import annotations
@@ -46,9 +46,9 @@ def zeroshot_cells(grid: dict) -> dict[str, dict[str, str]]:
     return cells
 
 
-def pack_cells(grid: dict) -> dict[str, dict[str, str]]:
-    """Cells of the pack stage: the grid's ``pack`` blocks (weight-only settings)."""
-    return grid_cells(grid["models"], (grid.get("pack") or {"blocks": []})["blocks"])
+def stage_cells(grid: dict, name: str) -> dict[str, dict[str, str]]:
+    """Cells of a stage that iterates the grid's ``name`` blocks (``pack``, ``speed``)."""
+    return grid_cells(grid["models"], (grid.get(name) or {"blocks": []})["blocks"])
 
 
 def compose_params(overrides: list[str]) -> str:
@@ -59,7 +59,8 @@ def compose_params(overrides: list[str]) -> str:
     grid = composed.pop("grid")
     grid["cells"] = grid_cells(grid["models"], grid["blocks"])
     grid["zeroshot_cells"] = zeroshot_cells(grid)
-    grid["pack_cells"] = pack_cells(grid)
+    grid["pack_cells"] = stage_cells(grid, "pack")
+    grid["speed_cells"] = stage_cells(grid, "speed")  # mlc_compile and bench_speed (cells must be packed)
     return HEADER + yaml.safe_dump({"grid": grid, "config": composed}, sort_keys=False)
 
 

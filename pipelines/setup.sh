@@ -10,6 +10,6 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   .venv/bin/python -m pip install --quiet --upgrade pip
   # Pin torch first: an unpinned torch would pull the CUDA build (several GB).
   .venv/bin/python -m pip install --quiet torch==2.13.0
-  .venv/bin/python -m pip install --quiet -e ".[test,kernels]"
+  .venv/bin/python -m pip install --quiet -e ".[test,kernels,mlc]"
   echo "$want" > "$stamp"
 fi

@@ -49,6 +49,11 @@ def test_dvc_repro_smoke_grid(tmp_path, data_root):
         fake = json.loads((work / "metrics" / "tiny-llama" / "w4a16g128" / f"{method}.json").read_text())
         assert packed["packed_wikitext2_ppl"] == pytest.approx(fake["wikitext2_ppl"], rel=1e-4)
     assert "| tiny-llama | w4a16g128 | omniquant |" in (work / "results" / "table_packed.md").read_text()
+    speed = json.loads((work / "metrics/tiny-llama/w4a16g128/omniquant.speed.json").read_text())
+    assert speed["variants"]["packed"]["decode_tok_s"]["b1_n4"] > 0
+    mlc = json.loads((work / "metrics/tiny-llama/w4a16g128/omniquant.mlc.json").read_text())
+    assert mlc["llvm_status"] == "ok" or mlc["llvm_status"].startswith("skipped: ")
+    assert "| tiny-llama | w4a16g128 | omniquant | packed |" in (work / "results" / "table3.md").read_text()
     assert "| fp16 | fp |" in (work / "results" / "table1.md").read_text()  # the tables stage ran last
     assert (work / "results" / "ppl_vs_bits.png").is_file() and (work / "results" / "table2.csv").is_file()
     assert (work / "dvc.lock").is_file()

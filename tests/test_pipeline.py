@@ -174,3 +174,22 @@ def test_pack_refuses_weight_activation_settings(make_cfg, data_root):
 
     with pytest.raises(UserError, match="not a weight-only setting"):
         pipeline.pack(make_cfg(*SMOKE, "quant=w4a4", "method=rtn", f"data.root={data_root}"))
+
+
+def test_mlc_compile_and_bench_speed_stages(make_cfg, data_root, tmp_path):
+    """pack → mlc_compile (MLC artifacts, TVM llvm build checked against PyTorch) → bench_speed."""
+    pytest.importorskip("tvm", reason="apache-tvm is not installed (pip install -e '.[mlc]')")
+    cfg = make_cfg(*SMOKE, "quant=w4a16g128", "method=rtn", f"data.root={data_root}", "bench=smoke")
+    pipeline.prepare_model(cfg)
+    pipeline.quantize(cfg)
+    pipeline.pack(cfg)
+    built = pipeline.mlc_compile(cfg)
+    assert built["llvm_status"] == "ok" and built["llvm_prefill_max_abs_err"] < 1e-4
+    assert built["cuda_status"].startswith("skipped: ") or torch.cuda.is_available()
+    assert (tmp_path / "artifacts/mlc/tiny-llama/w4a16g128/rtn/mlc-llm/mlc-chat-config.json").is_file()
+    speed = pipeline.bench_speed(cfg)
+    saved = read_json(tmp_path / "metrics/tiny-llama/w4a16g128/rtn.speed.json")
+    assert saved["device"] == speed["device"] and set(saved["variants"]) == {"fp", "packed", "torch_int4", "tvm"}
+    for variant in saved["variants"].values():
+        assert variant["prefill_tok_s"] > 0 and set(variant["decode_tok_s"]) == {"b1_n4", "b2_n4"}
+        assert 0 < variant["roofline_frac"]["b1_n4"]

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from omniquant import paper
-from omniquant.tables import bits, load_metrics, table1, table2, table_packed, tableA1, write_tables
+from omniquant.tables import bits, load_metrics, table1, table2, table3, table_packed, tableA1, write_tables
 
 
 def _write(root, setting, method, suffix="", **values):
@@ -78,7 +78,7 @@ def test_tableA1_lists_quantized_cells_with_their_budget(metrics):
 def test_write_tables_writes_markdown_csv_and_plot(metrics, tmp_path):
     written = write_tables(metrics, tmp_path / "results")
     assert {p.name for p in written} == {"table1.md", "table1.csv", "table2.md", "table2.csv", "tableA1.md",
-                                         "tableA1.csv", "table_packed.md", "table_packed.csv", "ppl_vs_bits.png"}
+                                         "tableA1.csv", "table_packed.md", "table_packed.csv", "table3.md", "table3.csv", "ppl_vs_bits.png"}
     with open(tmp_path / "results" / "table1.csv", newline="") as fh:
         rows = list(csv.reader(fh))
     assert rows[0][:3] == ["setting", "method", "m WikiText-2"] and len(rows) == 5
@@ -108,3 +108,19 @@ def test_tables_stage_without_metrics_is_a_clear_error(make_cfg, tmp_path):
 
     with pytest.raises(UserError, match="run the evaluation stages first"):
         pipeline.tables(make_cfg(f"paths.out={tmp_path / 'empty'}"))
+
+
+def test_table3_rows_per_variant_with_skips_and_the_tvm_check():
+    run = {"prefill_tok_s": 100.0, "decode_tok_s": {"b1_n128": 20.0, "b8_n128": 90.0}, "peak_mem_gb": 0.5,
+           "weight_bytes": 3 * 2**20, "roofline_frac": {"b1_n128": 0.25, "b8_n128": 0.1}, "device": "cpu X"}
+    speed = [{"model": "m", "setting": "w3a16g128", "method": "omniquant",
+              "variants": {"packed": run, "torch_int4": {"skipped": "4-bit only"}}}]
+    mlc = [{"model": "m", "setting": "w3a16g128", "method": "omniquant", "llvm_status": "ok", "llvm_build_s": 12.0,
+            "llvm_prefill_max_abs_err": 2e-6, "llvm_decode_max_abs_err": 3e-6, "cuda_status": "skipped: no GPU",
+            "mlc_route": "fake-quant-fp16", "mlc_quantization": "w3a16g128asym"}]
+    t = table3(speed, mlc)
+    assert t.columns[4:7] == ["prefill tok/s", "decode tok/s b1_n128", "decode tok/s b8_n128"]
+    assert t.rows[0] == ["m", "w3a16g128", "omniquant", "packed", "100.0", "20.0", "90.0", "0.50", "3.0", "25.0",
+                         "cpu X"]
+    assert t.rows[1][-1] == "skipped: 4-bit only"
+    assert any("logits max abs error prefill 2.0e-06" in n and "CUDA skipped: no GPU" in n for n in t.notes)

@@ -1,0 +1,343 @@
+"""Speed benchmarks on CPU and CUDA: prefill and decode throughput, memory, bandwidth and the roofline.
+
+A variant is a :class:`Runner`: a prefill (prompt → last logits + KV cache) and a greedy decode step
+(token + cache → logits + cache). :func:`benchmark` times it and returns
+
+- ``prefill_tok_s``: tokens/s of one forward over ``1 x prefill_len`` tokens;
+- ``decode_tok_s``: ``{"b{batch}_n{tokens}": tokens/s}``, greedy decoding of exactly ``tokens`` new
+  tokens per sequence after a ``prompt_len`` prompt (no EOS stop), prefill excluded;
+- ``peak_mem_gb``: peak memory while building and running the variant, above what was in use
+  before (``torch.cuda.max_memory_allocated`` on GPU, the process's peak RSS on CPU);
+- ``weight_bytes`` (all stored tensors), ``bytes_per_step`` (weights read per decode step: all
+  but an untied input embedding), ``bandwidth_gb_s`` (:func:`memory_bandwidth`);
+- ``roofline_frac``: per decode key, ``tok/s ÷ (batch · bandwidth / bytes_per_step)``, the share
+  of the weight-streaming bound (KV cache and activations not counted);
+- ``device``: the CPU model or GPU name.
+
+Variants (:func:`bench_variants`): ``fp`` (dense model, float32 on CPU, float16 on GPU),
+``packed`` (:func:`omniquant.packed.load_packed_model`), ``torch_int4`` (CPU, 4-bit: the packed
+model with bfloat16 activations, so :class:`~omniquant.packed.PackedLinear` runs
+``aten._weight_int4pack_mm_for_cpu``) and ``tvm`` (CPU: :mod:`omniquant.mlc.tvm_llama`).
+Random weights are enough (:func:`random_packed_model`): speed does not depend on weight values.
+"""
+from __future__ import annotations
+
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM, LlamaConfig, PretrainedConfig
+
+from omniquant import methods
+from omniquant.errors import UserError
+from omniquant.packed import INT4_CPU_GROUPS, PackedLinear, load_packed_model
+from omniquant.packing import save_packed
+from omniquant.setting import QuantSetting
+
+VARIANTS = ("fp", "packed", "torch_int4", "tvm")
+GB = 1e9
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    prefill_len: int = 512
+    batches: tuple[int, ...] = (1, 8)
+    new_tokens: tuple[int, ...] = (128, 512)
+    prompt_len: int = 16
+    bandwidth_bytes: int = 512 * 2**20  # size of the copy in :func:`memory_bandwidth`
+
+
+@dataclass
+class Runner:
+    """One variant: ``prefill(ids [b, s]) -> (logits [b, vocab], cache)``, ``step(token [b, 1], cache)`` likewise."""
+
+    prefill: Callable[[torch.Tensor], tuple[torch.Tensor, Any]]
+    step: Callable[[torch.Tensor, Any], tuple[torch.Tensor, Any]]
+    vocab_size: int
+    weight_bytes: int
+    bytes_per_step: int
+    extra: dict[str, Any] = field(default_factory=dict)  # reported as is (e.g. the TVM build time)
+
+
+# ------------------------------------------------------------------------------------------ devices
+def device_name(device: torch.device | str) -> str:
+    """The GPU's name, or the CPU model from /proc/cpuinfo."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return "cpu"
+    names = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
+    return f"{names[0]} ({len(names)} logical CPUs)" if names else "cpu"
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def memory_bandwidth(device: torch.device | str, nbytes: int = 512 * 2**20, repeats: int = 5) -> float:
+    """Measured copy bandwidth in bytes/s (a tensor copy reads and writes ``nbytes``; best of ``repeats``)."""
+    device = torch.device(device)
+    src = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
+    dst = torch.empty_like(src)
+    best = float("inf")
+    for _ in range(repeats + 1):  # the first copy warms up (page faults, allocation)
+        _sync(device)
+        start = time.perf_counter()
+        dst.copy_(src)
+        _sync(device)
+        best = min(best, time.perf_counter() - start)
+    return 2 * src.numel() * 4 / best
+
+
+def roofline_frac(tok_s: float, bandwidth: float, bytes_per_token: float) -> float:
+    """Achieved tokens/s over the weight-streaming bound ``bandwidth / bytes_per_token``."""
+    return tok_s / (bandwidth / bytes_per_token)
+
+
+class _PeakMemory:
+    """Peak memory above the starting level: CUDA allocator peak, or the CPU process's peak RSS (VmHWM)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    def __enter__(self) -> "_PeakMemory":
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.base = torch.cuda.memory_allocated(self.device)
+        else:
+            try:  # "5" resets the peak RSS (Linux >= 4.0); without it the peak may predate this block
+                Path("/proc/self/clear_refs").write_text("5")
+            except OSError:
+                pass
+            self.base = _proc_status_kb("VmRSS") * 1024
+        return self
+
+    def peak(self) -> int:
+        if self.device.type == "cuda":
+            return torch.cuda.max_memory_allocated(self.device) - self.base
+        return _proc_status_kb("VmHWM") * 1024 - self.base
+
+    def __exit__(self, *exc) -> None:
+        return None
+
+
+def _proc_status_kb(key: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {key}")
+
+
+# ------------------------------------------------------------------------------------------ runners
+def _bytes(model: nn.Module) -> tuple[int, int]:
+    """Bytes of all stored tensors (tied ones once), and of those read per decode step."""
+    tensors = {t.data_ptr(): t for t in model.state_dict().values()}
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    embed = model.get_input_embeddings().weight
+    tied = embed.data_ptr() == model.get_output_embeddings().weight.data_ptr()
+    return total, total - (0 if tied else embed.numel() * embed.element_size())
+
+
+def hf_runner(model: nn.Module) -> Runner:
+    """A runner for an HF causal LM, with its own KV cache (``past_key_values``)."""
+    device = next(model.parameters()).device
+
+    @torch.no_grad()
+    def prefill(ids: torch.Tensor) -> tuple[torch.Tensor, Any]:
+        out = model(ids.to(device), use_cache=True)
+        return out.logits[:, -1], out.past_key_values
+
+    @torch.no_grad()
+    def step(token: torch.Tensor, cache: Any) -> tuple[torch.Tensor, Any]:
+        out = model(token.to(device), past_key_values=cache, use_cache=True)
+        return out.logits[:, -1], out.past_key_values
+
+    weight_bytes, per_step = _bytes(model)
+    return Runner(prefill, step, model.config.vocab_size, weight_bytes, per_step)
+
+
+def tvm_runner(packed_path: str | Path, out_dir: str | Path) -> Runner:
+    """A runner for the TVM build of a packed checkpoint (CPU, float32)."""
+    from omniquant.mlc.tvm_llama import compile_tvm
+
+    model = load_packed_model(packed_path).float()  # the TVM build's parameters are float32 too
+    built = compile_tvm(model, out_dir)
+    weight_bytes, per_step = _bytes(model)
+    vocab = model.config.vocab_size
+    del model
+
+    def prefill(ids: torch.Tensor) -> tuple[torch.Tensor, Any]:
+        logits, cache = built.prefill(ids)
+        return logits[:, -1], cache
+
+    def step(token: torch.Tensor, cache: Any) -> tuple[torch.Tensor, Any]:
+        logits, cache = built.decode(token, cache)
+        return logits[:, -1], cache
+
+    return Runner(prefill, step, vocab, weight_bytes, per_step, {"tvm_build_s": built.build_s})
+
+
+def _cast_parameters(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """Cast the float parameters (not the packed buffers: scales stay float32) to ``dtype``."""
+    for p in model.parameters():
+        p.data = p.data.to(dtype)
+    return model
+
+
+def packed_runner(packed_path: str | Path, device: torch.device | str, dtype: torch.dtype) -> Runner:
+    """The packed model with float parameters (hence activations) in ``dtype``."""
+    return hf_runner(_cast_parameters(load_packed_model(packed_path).to(device), dtype))
+
+
+def torch_int4_runner(packed_path: str | Path) -> Runner:
+    """The packed 4-bit model on CPU with bfloat16 activations: torch's vectorized int4 kernel."""
+    model = _cast_parameters(load_packed_model(packed_path), torch.bfloat16)
+    layers = [m for m in model.modules() if isinstance(m, PackedLinear)]
+    if not all(m.int4_cpu for m in layers):
+        raise UserError(f"torch's int4 CPU kernel needs 4-bit weights in groups of {INT4_CPU_GROUPS} and output "
+                        f"sizes that are multiples of 16; this checkpoint is {layers[0].spec.tag}")
+    return hf_runner(model)
+
+
+# ------------------------------------------------------------------------------------------ timing
+def _timed(fn: Callable[[], Any], device: torch.device) -> float:
+    _sync(device)
+    start = time.perf_counter()
+    fn()
+    _sync(device)
+    return time.perf_counter() - start
+
+
+def _decode(runner: Runner, logits: torch.Tensor, cache: Any, steps: int) -> None:
+    """Greedy decoding of ``steps`` tokens (EOS ignored)."""
+    for _ in range(steps):
+        logits, cache = runner.step(logits.argmax(-1, keepdim=True), cache)
+
+
+def benchmark(make_runner: Callable[[], Runner], device: torch.device | str = "cpu",
+              cfg: BenchConfig = BenchConfig(), bandwidth: float | None = None, seed: int = 0) -> dict[str, Any]:
+    """Build a variant with ``make_runner`` and time it (keys: module docstring).
+
+    ``bandwidth`` (bytes/s) defaults to :func:`memory_bandwidth` measured now.
+    """
+    device = torch.device(device)
+    bandwidth = bandwidth or memory_bandwidth(device, cfg.bandwidth_bytes)
+    gen = torch.Generator().manual_seed(seed)
+    with _PeakMemory(device) as memory:
+        runner = make_runner()
+        ids = torch.randint(0, runner.vocab_size, (1, cfg.prefill_len), generator=gen)
+        runner.prefill(ids[:, :8])  # warm-up (lazy kernel setup, allocator)
+        prefill_s = _timed(lambda: runner.prefill(ids), device)
+        decode, roofline = {}, {}
+        for batch in cfg.batches:
+            prompt = torch.randint(0, runner.vocab_size, (batch, cfg.prompt_len), generator=gen)
+            _decode(runner, *runner.prefill(prompt), steps=2)  # warm-up of this batch size
+            for tokens in cfg.new_tokens:
+                logits, cache = runner.prefill(prompt)
+                key = f"b{batch}_n{tokens}"
+                decode[key] = batch * tokens / _timed(lambda: _decode(runner, logits, cache, tokens), device)
+                roofline[key] = roofline_frac(decode[key], bandwidth, runner.bytes_per_step / batch)
+        peak = memory.peak()
+    return {
+        "prefill_tok_s": cfg.prefill_len / prefill_s,
+        "decode_tok_s": decode,
+        "peak_mem_gb": peak / GB,
+        "weight_bytes": runner.weight_bytes,
+        "bytes_per_step": runner.bytes_per_step,
+        "bandwidth_gb_s": bandwidth / GB,
+        "roofline_frac": roofline,
+        "device": device_name(device),
+        **runner.extra,
+    }
+
+
+# ------------------------------------------------------------------------------------------ models
+def llama2_7b_config(**overrides: Any) -> LlamaConfig:
+    """The shape of Llama-2-7B (hidden 4096, 32 layers, 32 heads, intermediate 11008, vocab 32000)."""
+    shape = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                 num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096, rms_norm_eps=1e-5,
+                 tie_word_embeddings=False)
+    return LlamaConfig(**(shape | overrides))
+
+
+def random_packed_model(config: PretrainedConfig, setting: QuantSetting, path: str | Path,
+                        seed: int = 0) -> dict[str, Any]:
+    """Pack a random-weight model of ``config``'s shape, RTN-quantized at ``setting``, to ``path``.
+
+    Stands in for a calibrated checkpoint of the same shape in speed benchmarks. Returns the path,
+    the parameter count and a note saying so.
+    """
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    result = methods.quantize_(model, setting, {"name": "rtn"})
+    return {
+        "path": save_packed(path, model, result.qparams, setting.weight_spec),
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "setting": setting.name,
+        "note": f"random weights (seed {seed}): speed does not depend on weight values, only on shapes and bits",
+    }
+
+
+def dense_model(packed_path: str | Path) -> nn.Module:
+    """The packed checkpoint as a dense HF model: each PackedLinear becomes an ``nn.Linear`` of its
+    dequantized weight (the fake-quantized model), in the checkpoint's float dtype."""
+    model = load_packed_model(packed_path)
+    dtype = model.get_input_embeddings().weight.dtype
+    for name, module in list(model.named_modules()):
+        if isinstance(module, PackedLinear):
+            linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None, device="meta")
+            linear.weight = nn.Parameter(module.dequantized_weight(dtype), requires_grad=False)
+            if module.bias is not None:
+                linear.bias = nn.Parameter(module.bias, requires_grad=False)
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, linear)
+    return model
+
+
+def bench_variants(packed_path: str | Path, device: torch.device | str = "cpu",
+                   variants: tuple[str, ...] = VARIANTS, cfg: BenchConfig = BenchConfig()) -> dict[str, dict]:
+    """Benchmark each variant of a packed checkpoint (``fp``: :func:`dense_model`); a variant that
+    cannot run here is ``{"skipped": <reason>}``."""
+    device = torch.device(device)
+    unknown = set(variants) - set(VARIANTS)
+    if unknown:
+        raise UserError(f"unknown benchmark variants {sorted(unknown)}; available: {', '.join(VARIANTS)}")
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    bandwidth = memory_bandwidth(device, cfg.bandwidth_bytes)
+    tvm_dir = tempfile.mkdtemp(prefix="omniquant-tvm-")
+    builders: dict[str, Callable[[], Runner]] = {
+        "fp": lambda: hf_runner(dense_model(packed_path).to(device=device, dtype=dtype)),
+        "packed": lambda: packed_runner(packed_path, device, dtype),
+        "torch_int4": lambda: torch_int4_runner(packed_path),
+        "tvm": lambda: tvm_runner(packed_path, tvm_dir),
+    }
+    skip = {
+        "torch_int4": "CPU only (aten._weight_int4pack_mm_for_cpu)" if device.type != "cpu" else None,
+        "tvm": "CPU only (TVM build for llvm)" if device.type != "cpu" else _tvm_missing(),
+    }
+    results: dict[str, dict] = {}
+    for name in variants:
+        if skip.get(name):
+            results[name] = {"skipped": skip[name]}
+            continue
+        try:
+            results[name] = benchmark(builders[name], device, cfg, bandwidth)
+        except UserError as err:
+            results[name] = {"skipped": str(err)}
+    return results
+
+
+def _tvm_missing() -> str | None:
+    try:
+        import tvm  # noqa: F401
+    except ImportError as err:
+        return f"TVM is not importable ({err})"
+    return None

@@ -1,0 +1,6 @@
+"""Stage `bench_speed`: `python -m pipelines.bench_speed [hydra overrides]` (see omniquant.pipeline.bench_speed)."""
+from omniquant.pipeline import bench_speed
+from pipelines._app import run_stage
+
+if __name__ == "__main__":
+    run_stage(bench_speed)

@@ -1,0 +1,69 @@
+"""Speed benchmarks (omniquant.bench) on a tiny model with tiny lengths."""
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+
+from omniquant.bench import (
+    BenchConfig,
+    bench_variants,
+    dense_model,
+    device_name,
+    memory_bandwidth,
+    random_packed_model,
+    roofline_frac,
+)
+from omniquant.models.tiny import tiny_llama
+from omniquant.packed import load_packed_model
+from omniquant.setting import QuantSetting
+
+TINY = BenchConfig(prefill_len=32, batches=(1, 2), new_tokens=(2, 4), prompt_len=4, bandwidth_bytes=8 * 2**20)
+KEYS = {"prefill_tok_s", "decode_tok_s", "peak_mem_gb", "weight_bytes", "roofline_frac", "device"}
+
+
+@pytest.fixture(scope="module")
+def packed(tmp_path_factory):
+    config = tiny_llama()[0].config
+    out = tmp_path_factory.mktemp("bench")
+    return {bits: random_packed_model(config, QuantSetting(f"w{bits}a16g64", bits, 16, 64), out / f"w{bits}.st")
+            for bits in (4, 3)}
+
+
+def test_roofline_fraction():
+    assert roofline_frac(50.0, 100e9, 1e9) == pytest.approx(0.5)  # bound: 100 GB/s / 1 GB per token
+    assert roofline_frac(8 * 25.0, 100e9, 1e9 / 8) == pytest.approx(0.25)  # batch 8 reads weights once per 8 tokens
+
+
+def test_device_and_bandwidth():
+    assert device_name("cpu")
+    assert memory_bandwidth("cpu", nbytes=4 * 2**20, repeats=2) > 0
+
+
+def test_random_model_says_weights_do_not_matter(packed):
+    assert "speed does not depend on weight values" in packed[4]["note"]
+    ids = torch.randint(0, 258, (1, 8))
+    with torch.no_grad():  # the fp variant is the fake-quantized model the packed file encodes
+        torch.testing.assert_close(dense_model(packed[3]["path"])(ids).logits,
+                                   load_packed_model(packed[3]["path"])(ids).logits)
+
+
+def test_variants_report_the_documented_keys(packed):
+    variants = ("fp", "packed", "torch_int4") + (("tvm",) if importlib.util.find_spec("tvm") else ())
+    results = bench_variants(packed[4]["path"], variants=variants, cfg=TINY)
+    assert set(results) == set(variants)
+    for name, r in results.items():
+        assert KEYS <= set(r), name
+        assert r["prefill_tok_s"] > 0 and r["weight_bytes"] > 0 and r["peak_mem_gb"] >= 0
+        assert set(r["decode_tok_s"]) == {"b1_n2", "b1_n4", "b2_n2", "b2_n4"}
+        for key, tok_s in r["decode_tok_s"].items():
+            batch = int(key[1:key.index("_")])
+            bound = batch * r["bandwidth_gb_s"] * 1e9 / r["bytes_per_step"]
+            assert tok_s > 0 and r["roofline_frac"][key] == pytest.approx(tok_s / bound)
+    assert results["packed"]["weight_bytes"] < results["fp"]["weight_bytes"]
+
+
+def test_int4_variant_is_skipped_for_3_bit(packed):
+    result = bench_variants(packed[3]["path"], variants=("torch_int4",), cfg=TINY)["torch_int4"]
+    assert "4-bit" in result["skipped"]

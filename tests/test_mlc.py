@@ -1,0 +1,100 @@
+"""MLC artifacts (omniquant.mlc.artifacts) and the TVM Llama build (omniquant.mlc.tvm_llama)."""
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from omniquant import methods
+from omniquant.errors import UserError
+from omniquant.export import quantized_model
+from omniquant.mlc import build_tvm, validate_mlc_chat_config, write_mlc_artifacts
+from omniquant.mlc.artifacts import CONFIG_FILE
+from omniquant.models.tiny import tiny_llama
+from omniquant.packing import save_packed
+from omniquant.setting import QuantSetting
+
+GOLDEN = Path(__file__).parent / "data" / "mlc-chat-config.golden.json"
+TVM_TOLERANCE = 1e-4  # float32 logits of magnitude ~1; measured ~3e-7
+
+
+def rtn(setting: QuantSetting, **tiny_kwargs):
+    """A tiny Llama fake-quantized by RTN, its tokenizer and qparams."""
+    model, tok = tiny_llama(**tiny_kwargs)
+    return model, tok, methods.quantize_(model, setting, {"name": "rtn"}).qparams
+
+
+def artifacts(tmp_path: Path, setting: QuantSetting):
+    model, tok, qparams = rtn(setting, hidden_size=128, intermediate_size=256)
+    manifest = write_mlc_artifacts(quantized_model(model, setting, qparams, tok), tmp_path)
+    return model, manifest, json.loads((tmp_path / CONFIG_FILE).read_text())
+
+
+W4G128 = QuantSetting("w4a16g128", 4, 16, 128)
+W3G128 = QuantSetting("w3a16g128", 3, 16, 128)
+
+
+def test_awq_route_matches_the_golden_config(tmp_path):
+    _, manifest, config = artifacts(tmp_path, W4G128)
+    assert config == json.loads(GOLDEN.read_text())
+    validate_mlc_chat_config(config)
+    assert manifest["route"] == "awq" and "--source-format awq" in manifest["commands"][0]
+    hf = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert hf["quantization_config"]["quant_method"] == "awq"
+    assert all((tmp_path / f).is_file() for f in config["tokenizer_files"])
+
+
+def test_fake_quant_route_writes_the_fp16_grid(tmp_path):
+    model, manifest, config = artifacts(tmp_path, W3G128)
+    validate_mlc_chat_config(config)
+    assert manifest["route"] == "fake-quant-fp16" and config["quantization"] == "w3a16g128asym"
+    saved = AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
+    assert saved.dtype == torch.float16
+    path = "model.layers.1.mlp.down_proj"
+    assert torch.equal(saved.get_submodule(path).weight, model.get_submodule(path).weight.half())
+
+
+@pytest.mark.parametrize("break_it, message", [
+    (lambda c: c.pop("context_window_size"), "missing 'context_window_size'"),
+    (lambda c: c.update(vocab_size=True), "config.vocab_size: bool"),
+    (lambda c: c["model_config"].update(head_dim="32"), "model_config.head_dim: str"),
+    (lambda c: c["conv_template"].update(seps=[]), "one or two separators"),
+])
+def test_schema_rejects_broken_configs(break_it, message):
+    config = copy.deepcopy(json.loads(GOLDEN.read_text()))
+    break_it(config)
+    with pytest.raises(ValueError, match=message):
+        validate_mlc_chat_config(config)
+
+
+def test_weight_activation_setting_is_rejected(tmp_path):
+    setting = QuantSetting("w4a8g128", 4, 8, 128)
+    model, tok, qparams = rtn(setting)
+    with pytest.raises(UserError, match="MLC-LLM runs weight-only"):
+        write_mlc_artifacts(quantized_model(model, setting, qparams, tok), tmp_path)
+
+
+# ------------------------------------------------------------------------------------------ TVM
+@pytest.fixture(scope="module")
+def tvm_builds(tmp_path_factory):
+    pytest.importorskip("tvm", reason="apache-tvm is not installed (pip install apache-tvm==0.27.0.post1)")
+    out = tmp_path_factory.mktemp("tvm")
+    reports = {}
+    for setting, kv_heads in ((QuantSetting("w4a16g64", 4, 16, 64), 2), (W3G128, 4)):  # GQA, MHA
+        model, _, qparams = rtn(setting, num_key_value_heads=kv_heads)
+        packed = save_packed(out / f"{setting.name}.safetensors", model, qparams, setting.weight_spec)
+        reports[setting.name] = build_tvm(packed, out)
+    return reports
+
+
+@pytest.mark.parametrize("name", ["w4a16g64", "w3a16g128"])
+def test_tvm_logits_match_the_packed_model(tvm_builds, name):
+    report = tvm_builds[name]
+    assert report["status"] == "ok" and Path(report["library"]).suffix == ".so"
+    assert report["prefill_max_abs_err"] < TVM_TOLERANCE
+    assert report["decode_max_abs_err"] < TVM_TOLERANCE  # prefill, then the KV cache one token at a time
+    assert report["logits_max_abs"] > 0.1  # the comparison is not between near-zero logits
