@@ -130,13 +130,6 @@ def test_awq_nibble_order():
     assert qweight.item() == 0x75316420 and qzeros.item() == 0
 
 
-@pytest.mark.parametrize("name", ["w3a16g128", "w4a16g64", "w4a4g128"])
-def test_awq_rejects_other_settings(tmp_path, name):
-    model, tok, qparams = rtn_model(name, hidden_size=128, intermediate_size=256)
-    with pytest.raises(UserError, match=f"awq export cannot represent setting {name}"):
-        export(quantized_model(model, setting(name), qparams), "awq", tmp_path)
-
-
 # ------------------------------------------------------------------------------------------ GGUF
 def test_gguf_q4_1_round_trip(tmp_path):
     model, tok, qparams = rtn_model("w4a16g32", num_key_value_heads=2)
@@ -168,11 +161,12 @@ def test_gguf_q4_1_round_trip(tmp_path):
     torch.testing.assert_close(logits(loaded.eval()), logits(model), rtol=0, atol=2e-3)
 
 
-@pytest.mark.parametrize("name", ["w4a16g128", "w3a16g32", "w4a4g32"])
-def test_gguf_rejects_other_settings(tmp_path, name):
+@pytest.mark.parametrize("fmt,name", [("awq", "w3a16g128"), ("awq", "w4a16g64"), ("awq", "w4a4g128"),
+                                      ("gguf", "w4a16g128"), ("gguf", "w3a16g32"), ("gguf", "w4a4g32")])
+def test_awq_and_gguf_reject_other_settings(tmp_path, fmt, name):
     model, tok, qparams = rtn_model(name, hidden_size=128, intermediate_size=256)
-    with pytest.raises(UserError, match=f"gguf export cannot represent setting {name}"):
-        export(quantized_model(model, setting(name), qparams), "gguf", tmp_path)
+    with pytest.raises(UserError, match=f"{fmt} export cannot represent setting {name}"):
+        export(quantized_model(model, setting(name), qparams), fmt, tmp_path)
 
 
 def test_unknown_format_is_a_user_error(tmp_path):
