@@ -373,12 +373,16 @@ def pack(cfg: DictConfig) -> dict[str, Any]:
     return _finish(cfg, cell, results, record, kind="packed")
 
 
+def _require_packed(cell: Cell) -> None:
+    if not cell.packed_file.is_file():
+        raise UserError(f"{cell.packed_file} not found: run the pack stage for {cell.run_name} first")
+
+
 def mlc_compile(cfg: DictConfig) -> dict[str, Any]:
     """MLC-LLM artifacts of the cell and its TVM build (``llvm``; CUDA when a GPU is present), logits
     checked against the PyTorch packed model; writes ``metrics/<model>/<setting>/<method>.mlc.json``."""
     cell = cell_of(cfg)
-    if not cell.packed_file.is_file():
-        raise UserError(f"{cell.packed_file} not found: run the pack stage for {cell.run_name} first")
+    _require_packed(cell)
     from omniquant import mlc
     from omniquant.export import load_quantized
 
@@ -398,8 +402,7 @@ def bench_speed(cfg: DictConfig) -> dict[str, Any]:
     from omniquant import bench
 
     cell = cell_of(cfg)
-    if not cell.packed_file.is_file():
-        raise UserError(f"{cell.packed_file} not found: run the pack stage for {cell.run_name} first")
+    _require_packed(cell)
     b, device = cfg.bench, device_of(cfg)
     config = bench.BenchConfig(prefill_len=int(b.prefill_len), batches=tuple(b.batches),
                                new_tokens=tuple(b.new_tokens), prompt_len=int(b.prompt_len))
