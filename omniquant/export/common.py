@@ -14,14 +14,14 @@ from pathlib import Path
 from typing import Mapping
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
 
 from omniquant.block import plain_layers
 from omniquant.errors import UserError
 from omniquant.models.architectures import architecture_of, block_linears, decoder_layers
-from omniquant.packing import codes_from_weight
+from omniquant.packing import codes_from_weight, read_qparams
 from omniquant.quantizer import QuantSpec
 from omniquant.setting import QuantSetting
 
@@ -116,11 +116,7 @@ def load_quantized(path: str | Path, setting: QuantSetting) -> QuantizedModel:
     path = Path(path)
     if not (path / QPARAMS_FILE).is_file():
         raise UserError(f"{path} has no {QPARAMS_FILE}: export needs a quantize-stage output directory")
-    flat = load_file(str(path / QPARAMS_FILE))
-    qparams: dict[str, dict[str, torch.Tensor]] = {}
-    for key, tensor in flat.items():
-        linear, kind = key.rsplit(".", 1)
-        qparams.setdefault(linear, {})[kind] = tensor
+    qparams = read_qparams(path / QPARAMS_FILE)
     model = AutoModelForCausalLM.from_pretrained(path, dtype="auto").eval()
     return quantized_model(model, setting, qparams, AutoTokenizer.from_pretrained(path))
 
