@@ -98,3 +98,22 @@ def test_tvm_logits_match_the_packed_model(tvm_builds, name):
     assert report["prefill_max_abs_err"] < TVM_TOLERANCE
     assert report["decode_max_abs_err"] < TVM_TOLERANCE  # prefill, then the KV cache one token at a time
     assert report["logits_max_abs"] > 0.1  # the comparison is not between near-zero logits
+
+
+@pytest.mark.parametrize("out_features, scheduled", [(64, True), (40, False)])
+def test_cpu_schedule_tiles_linears_whose_outputs_fill_vectors(out_features, scheduled):
+    tvm = pytest.importorskip("tvm", reason="apache-tvm is not installed")
+    from tvm import relax
+    from tvm.relax.frontend import nn
+
+    from omniquant.mlc.schedule import schedule_linears
+    from omniquant.mlc.tvm_llama import QuantLinear
+
+    module = QuantLinear(200, out_features, W3G128.weight_spec)
+    mod, _ = module.export_tvm(spec={"forward": {"x": nn.spec.Tensor(["m", 200], "float32")}})
+    with tvm.target.Target({"kind": "llvm"}):
+        mod = tvm.transform.Sequential([relax.transform.LegalizeOps(), schedule_linears(lanes=16)])(mod)
+    [func] = [f for _, f in mod.functions_items() if isinstance(f, tvm.tirx.PrimFunc)]
+    script = func.script()
+    assert bool(func.attrs and func.attrs.get("tirx.is_scheduled")) == scheduled
+    assert ("T.parallel" in script and "T.vectorized" in script) == scheduled

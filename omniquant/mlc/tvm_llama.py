@@ -5,10 +5,12 @@ stored: ``qweight`` int32 ``[out, ceil(in/32)*bits]`` (bit planes), ``scales`` f
 ``[out, n_groups]``, ``qzeros`` int32 (packed stream of the ``[out, n_groups]`` zero points). No
 repacking: the bit-plane layout makes every code a shift and a mask of one word, for any ``bits``.
 
-**Fusion.** Each linear is one TE compute, ``y[.., n] = Σ_k x[.., k]·(code(n, k) - zero(n, k//g))·s(n, k//g)``,
-so the dequantization is inside the matmul's reduction (one TIR kernel, no dequantized weight in
-memory). Everything else (embedding, RMSNorm, rotary, GQA attention, SwiGLU, float ``lm_head``) is
-float32; the rotary frequencies are the PyTorch model's own ``inv_freq`` buffer.
+**Fusion.** Each linear is one TIR kernel computing
+``y[.., n] = Σ_k x[.., k]·(code(n, k)·s(n, g) - zero(n, g)·s(n, g))``, ``g = k // group``: the
+dequantization happens tile by tile inside the matmul's kernel, scheduled for the host CPU by
+:mod:`omniquant.mlc.schedule` (no dequantized weight matrix in memory). Everything else (embedding,
+RMSNorm, rotary, GQA attention, SwiGLU) is float32, ``lm_head`` through the same scheduled matmul;
+the rotary frequencies are the PyTorch model's own ``inv_freq`` buffer.
 
 **Functions.** ``prefill(ids [b, s])`` and ``decode(ids [b, s], past_k, past_v)`` return
 ``(logits [b, s, vocab], k, v)``; the KV cache is a pair of float32 tensors
@@ -33,6 +35,7 @@ from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import op
 
 from omniquant.errors import UserError
+from omniquant.mlc.schedule import LINEAR, cpu_pipeline, host_target
 from omniquant.packed import PackedLinear
 from omniquant.packing import WORD_BITS, planes
 from omniquant.quantizer import QuantSpec
@@ -56,8 +59,15 @@ def _te_code(word, i, length: int, bits: int):
     return code
 
 
+def _linear(x: te.Tensor, weight, n_out: int, k_in: int) -> te.Tensor:
+    """``y[.., n] = Σ_k x[.., k] · weight(n, k)`` as the two stages :mod:`omniquant.mlc.schedule` tiles."""
+    w = te.compute((k_in, n_out), lambda kk, n: weight(n, kk), name=f"{LINEAR}_w")
+    k = te.reduce_axis((0, k_in), "k")
+    return te.compute((*x.shape[:-1], n_out), lambda *i: te.sum(x[(*i[:-1], k)] * w[k, i[-1]], axis=k), name=LINEAR)
+
+
 class QuantLinear(nn.Module):
-    """A linear on packed codes, dequantized inside the matmul (no bias)."""
+    """A linear on packed codes, dequantized tile by tile inside the matmul (no bias)."""
 
     def __init__(self, in_features: int, out_features: int, spec: QuantSpec):
         self.in_features, self.out_features, self.spec = in_features, out_features, spec
@@ -72,18 +82,29 @@ class QuantLinear(nn.Module):
                                               self.n_groups, self.spec.bits)
 
         def fused(x: te.Tensor, qweight: te.Tensor, scales: te.Tensor, qzeros: te.Tensor) -> te.Tensor:
-            k = te.reduce_axis((0, k_in), "k")
+            shift = te.compute((n_out, n_groups), lambda n, g: _te_code(
+                lambda j: qzeros[j], n * n_groups + g, n_out * n_groups, bits).astype("float32") * scales[n, g],
+                name=f"{LINEAR}_z")  # zero · scale, once per group
 
             def weight(n, kk):
-                g = kk // group
                 code = _te_code(lambda j: qweight[n, j], kk, k_in, bits)
-                zero = _te_code(lambda j: qzeros[j], n * n_groups + g, n_out * n_groups, bits)
-                return (code - zero).astype("float32") * scales[n, g]
+                return code.astype("float32") * scales[n, kk // group] - shift[n, kk // group]
 
-            return te.compute((*x.shape[:-1], n_out),
-                              lambda *i: te.sum(x[(*i[:-1], k)] * weight(i[-1], k), axis=k), name="qmatmul")
+            return _linear(x, weight, n_out, k_in)
 
-        return op.tensor_expr_op(fused, "qmatmul", [x, self.qweight, self.scales, self.qzeros])
+        return op.tensor_expr_op(fused, "qlinear", [x, self.qweight, self.scales, self.qzeros])
+
+
+class Linear(nn.Module):
+    """A float linear (``lm_head``) through the same scheduled matmul."""
+
+    def __init__(self, in_features: int, out_features: int):
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = nn.Parameter((out_features, in_features), "float32")
+
+    def forward(self, x: nn.Tensor) -> nn.Tensor:
+        return op.tensor_expr_op(lambda x, w: _linear(x, lambda n, k: w[n, k], self.out_features, self.in_features),
+                                 "linear", [x, self.weight])
 
 
 def _rope(x: nn.Tensor, inv_freq: nn.Tensor, offset) -> nn.Tensor:
@@ -181,7 +202,7 @@ class LlamaForCausalLM(nn.Module):
 
     def __init__(self, cfg: Any, linears: dict[str, tuple[int, int]], spec: QuantSpec):
         self.model = LlamaModel(cfg, linears, spec)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size)
         self.num_layers = cfg.num_hidden_layers
 
     def _forward(self, ids: nn.Tensor, past_k: nn.Tensor | None = None, past_v: nn.Tensor | None = None):
@@ -278,7 +299,8 @@ def compile_tvm(model: tnn.Module, out_dir: str | Path) -> TVMLlama:
     start = time.perf_counter()
     mod, named = module.export_tvm(spec={"prefill": {"ids": ids},
                                          "decode": {"ids": ids, "past_k": cache, "past_v": cache}})
-    executable = relax.build(mod, target=tvm.target.Target({"kind": "llvm"}))
+    target = host_target()
+    executable = relax.build(mod, target=target, relax_pipeline=cpu_pipeline(target))
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"llama-{spec.tag}-{uuid.uuid4().hex[:8]}.so"
