@@ -1,4 +1,5 @@
 """Shared Hydra wrapper: every stage script is ``run_stage(<omniquant.pipeline function>)``."""
+import signal
 import sys
 from pathlib import Path
 from typing import Any, Callable
@@ -25,8 +26,21 @@ def unknown_group_option(argv: list[str], conf_dir: Path = CONF_DIR) -> str | No
     return None
 
 
+def _interrupt(signum: int, _frame: Any) -> None:
+    raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
+
+
+def interrupt_on_signals() -> None:
+    """Make SIGTERM (``kill``, ``timeout``, schedulers) and SIGINT (also in background jobs, where the
+    shell ignores it) raise ``KeyboardInterrupt``, so interrupted stages unwind and save what they
+    have (the zero-shot request cache and the time it cost; the MLflow run ends as failed)."""
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, _interrupt)
+
+
 def run_stage(stage: Callable[[DictConfig], Any]) -> None:
     """Compose ``conf/`` with the command-line overrides (``-m`` for sweeps) and run ``stage``."""
+    interrupt_on_signals()
     problem = unknown_group_option(sys.argv[1:])
     if problem:
         print(f"omniquant: error: {problem}", file=sys.stderr)

@@ -1,7 +1,9 @@
 """Stages end to end on the tiny model, and the one-line errors for bad input."""
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -12,7 +14,7 @@ from omniquant.metrics import read_json
 from omniquant.models import load_model
 from omniquant.models.architectures import LLAMA, block_linears, decoder_layers
 from omniquant.quantizer import dequantize_weight
-from pipelines._app import unknown_group_option
+from pipelines._app import interrupt_on_signals, unknown_group_option
 
 from conftest import CONF, REPO
 
@@ -63,6 +65,20 @@ def test_run_cell_logs_to_mlflow(make_cfg, data_root, tmp_path, monkeypatch):
     assert run["params.quant.wbits"] == "16" and run["params.model.name"] == "tiny-llama"
     artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(run["run_id"])}
     assert {"metrics.json", "config"} <= artifacts
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_stage_signals_unwind_like_ctrl_c(signum):
+    saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # as in a background job of a non-interactive shell
+    try:
+        interrupt_on_signals()
+        with pytest.raises(KeyboardInterrupt, match=signal.Signals(signum).name):
+            os.kill(os.getpid(), signum)
+            time.sleep(1)  # the handler runs between bytecodes
+    finally:
+        for s, handler in saved.items():
+            signal.signal(s, handler)
 
 
 def test_unknown_group_option_is_reported():
