@@ -81,6 +81,25 @@ def test_stage_signals_unwind_like_ctrl_c(signum):
             signal.signal(s, handler)
 
 
+def test_forked_children_of_a_stage_die_on_sigterm():
+    """lm-eval's bootstrap pool is forked and terminated by SIGTERM: a worker must die, not raise (which can
+    leave the pool's queue lock held and hang the stage)."""
+    saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        interrupt_on_signals()
+        pid = os.fork()
+        if pid == 0:  # the child: wait to be killed
+            time.sleep(30)
+            os._exit(0)
+        time.sleep(0.2)
+        os.kill(pid, signal.SIGTERM)
+        _, status = os.waitpid(pid, 0)
+        assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGTERM
+    finally:
+        for s, handler in saved.items():
+            signal.signal(s, handler)
+
+
 def test_unknown_group_option_is_reported():
     assert unknown_group_option(["method=rtn", "quant=w4a16g128,w3a16g128"], CONF) is None
     assert "unknown method 'foo'" in unknown_group_option(["method=foo"], CONF)
