@@ -18,6 +18,7 @@ import torch
 from omniquant import data as datalib
 from omniquant import export as export_lib
 from omniquant.errors import UserError, exit_on_user_error
+from omniquant.export.common import QPARAMS_FILE
 from omniquant.methods import quantize_
 from omniquant.models import checkpoint_dir, load_model, prepare_model
 from omniquant.models.smollm2 import PINNED_WHEEL
@@ -101,7 +102,7 @@ def main(argv: list[str] | None = None) -> None:
         if setting.weight_spec is None:
             raise UserError(f"setting {setting.name} does not quantize weights: nothing to pack")
         model, _ = load_model(args.quantized_dir, torch.float32, torch.device("cpu"))
-        qparams = read_qparams(Path(args.quantized_dir) / "qparams.safetensors")
+        qparams = read_qparams(Path(args.quantized_dir) / QPARAMS_FILE)
         try:
             path = save_packed(args.out_file, model, qparams, setting.weight_spec)
         except ValueError as err:

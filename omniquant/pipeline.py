@@ -23,6 +23,7 @@ from omniquant import methods, models, zeroshot
 from omniquant.block import attach_act_quant, plain_layers
 from omniquant.methods.base import QuantResult
 from omniquant.errors import UserError
+from omniquant.export.common import QPARAMS_FILE
 from omniquant.metrics import metrics_path, peak_rss_gb, read_json, write_json
 from omniquant.perplexity import perplexity
 from omniquant.setting import QuantSetting
@@ -248,7 +249,7 @@ def quantize(cfg: DictConfig) -> Path:
             with plain_layers(model):
                 model.save_pretrained(staging)
             tokenizer.save_pretrained(staging)
-            save_file(_flat_qparams(result.qparams), str(staging / "qparams.safetensors"))
+            save_file(_flat_qparams(result.qparams), str(staging / QPARAMS_FILE))
             if result.learned:
                 save_file(result.learned, str(staging / "omni_parameters.safetensors"))
             record["checkpoint"] = None  # this directory
@@ -350,7 +351,7 @@ def pack(cfg: DictConfig) -> dict[str, Any]:
                         "of weight-activation settings are quantized at run time)")
     _check_eval_data(cfg)
     model, tokenizer, record = _load_evaluated(cfg, cell)
-    qparams = packing.read_qparams(cell.quantized_dir / "qparams.safetensors")
+    qparams = packing.read_qparams(cell.quantized_dir / QPARAMS_FILE)
     staging = cell.packed_file.parent.with_name(cell.method + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)

@@ -27,26 +27,19 @@ def unknown_group_option(argv: list[str], conf_dir: Path = CONF_DIR) -> str | No
     return None
 
 
-_OWNER = os.getpid()  # the stage process; forked children (lm-eval's multiprocessing pool) are not it
-
-
 def _interrupt(signum: int, _frame: Any) -> None:
-    if os.getpid() != _OWNER:  # a forked worker: the default action (Pool.terminate() kills workers by SIGTERM;
-        signal.signal(signum, signal.SIG_DFL)  # an exception there could leave the pool's queue lock held)
-        os.kill(os.getpid(), signum)
-        return
     raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
 
 
 def interrupt_on_signals() -> None:
     """Make SIGTERM (``kill``, ``timeout``, schedulers) and SIGINT (also in background jobs, where the
     shell ignores it) raise ``KeyboardInterrupt``, so interrupted stages unwind and save what they
-    have (the zero-shot request cache and the time it cost; the MLflow run ends as failed). Forked
-    children keep the default actions."""
-    global _OWNER
-    _OWNER = os.getpid()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, _interrupt)
+    have (the zero-shot request cache and the time it cost; the MLflow run ends as failed).
+
+    Forked children get the previous handlers back: lm-eval's bootstrap pool is forked and ended by
+    SIGTERM, and a worker raising there instead of dying can leave the pool's queue lock held."""
+    previous = {signum: signal.signal(signum, _interrupt) for signum in (signal.SIGTERM, signal.SIGINT)}
+    os.register_at_fork(after_in_child=lambda: [signal.signal(s, h) for s, h in previous.items()])
 
 
 def run_stage(stage: Callable[[DictConfig], Any]) -> None:
