@@ -158,3 +158,37 @@ def test_interrupted_evaluation_resumes_from_the_request_cache(tmp_path, data_ro
     again = evaluate(model, tokenizer, **run, cache=cache)
     assert {k: again[k] for k in keys} == {k: fresh[k] for k in keys}
     assert again["zeroshot_seconds_total"] == resumed["zeroshot_seconds_total"]
+
+
+@pytest.mark.parametrize("act_bits", [None, 4], ids=["fp", "a4"])
+def test_shared_context_scores_equal_stock_hflm(act_bits):
+    from lm_eval.models.huggingface import HFLM
+
+    from omniquant.block import attach_act_quant
+    from omniquant.models.tiny import tiny_llama
+    from omniquant.quantizer import QuantSpec
+    from omniquant.zeroshot.shared_prefix import SharedPrefixLM
+
+    model, tokenizer = tiny_llama(num_key_value_heads=2)
+    if act_bits:
+        attach_act_quant(model, QuantSpec(act_bits))  # per-token activation quantizers see the same rows
+    gen = torch.Generator().manual_seed(0)
+
+    def ids(n: int) -> list[int]:
+        return torch.randint(3, 200, (n,), generator=gen).tolist()
+
+    contexts = [ids(7), ids(7), ids(12), ids(1), ids(5)]
+    requests = [(("c0", f"x{i}"), contexts[0], ids(n)) for i, n in enumerate([3, 1, 6, 2])]  # mixed lengths
+    requests += [(("c1", f"y{i}"), contexts[1], ids(n)) for i, n in enumerate([4, 2])]  # same context length
+    requests += [(("c2", "z0"), contexts[2], ids(5)), (("c2", "z1"), contexts[2], ids(2))]
+    requests += [(("c3", f"w{i}"), contexts[3], ids(3)) for i in range(2)]  # one-token context: stock path
+    requests += [(("c4", f"v{i}"), contexts[4], ids(1)) for i in range(3)]  # one-token choices: stock path
+    requests += [(("c5", "lone"), ids(9), ids(4))]
+    order = torch.randperm(len(requests), generator=gen).tolist()
+    requests = [requests[i] for i in order]
+    shared = SharedPrefixLM(pretrained=model, tokenizer=tokenizer, batch_size=3, device="cpu")
+    stock = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=3, device="cpu")
+    ours, theirs = shared._loglikelihood_tokens(requests), stock._loglikelihood_tokens(requests)
+    assert [g for _, g in ours] == [g for _, g in theirs]
+    assert [lp for lp, _ in ours] == pytest.approx([lp for lp, _ in theirs], abs=1e-4)
+    assert len({lp for lp, _ in ours}) == len(requests)  # distinct requests: nothing scored twice by mistake

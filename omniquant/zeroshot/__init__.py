@@ -8,6 +8,9 @@ with a message and recorded in ``zeroshot_skipped``; the others still run.
 With a ``cache`` path every scored request is written to lm-eval's SQLite request cache as it
 completes, so an interrupted evaluation resumes where it stopped; the path must be keyed by the
 model's weights (:func:`fingerprint`), since lm-eval keys requests by their text alone.
+
+The model runs under :class:`~.shared_prefix.SharedPrefixLM`, lm-eval's ``HFLM`` that scores the choices
+of a question over one forward pass of their shared context.
 """
 from __future__ import annotations
 
@@ -98,8 +101,9 @@ def evaluate(model: nn.Module, tokenizer, tasks: Sequence[str], root: Path | Non
     if not present:
         return results
     import lm_eval
-    from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
+
+    from omniquant.zeroshot.shared_prefix import SharedPrefixLM
 
     spent_file = _spent_file(cache, present, limit) if cache is not None else None
     spent = json.loads(spent_file.read_text()) if spent_file and spent_file.is_file() else {"seconds": 0.0}
@@ -110,7 +114,7 @@ def evaluate(model: nn.Module, tokenizer, tasks: Sequence[str], root: Path | Non
                   f"({spent['seconds']:.0f} s spent before)")
     start, complete = time.perf_counter(), False
     try:
-        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(device))
+        lm = SharedPrefixLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(device))
         out = lm_eval.simple_evaluate(model=lm, tasks=[task_config(t, root) for t in present], num_fewshot=0,
                                       limit=limit, task_manager=TaskManager(include_defaults=root is None),
                                       log_samples=False, use_cache=None if cache is None else str(cache),
