@@ -31,15 +31,28 @@ def _interrupt(signum: int, _frame: Any) -> None:
     raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
 
 
+_BEFORE: dict[int, Any] = {}  # the handlers interrupt_on_signals replaced, restored in forked children
+
+
+def _restore_in_child() -> None:
+    for signum, handler in _BEFORE.items():
+        signal.signal(signum, handler)
+
+
 def interrupt_on_signals() -> None:
     """Make SIGTERM (``kill``, ``timeout``, schedulers) and SIGINT (also in background jobs, where the
     shell ignores it) raise ``KeyboardInterrupt``, so interrupted stages unwind and save what they
     have (the zero-shot request cache and the time it cost; the MLflow run ends as failed).
 
     Forked children get the previous handlers back: lm-eval's bootstrap pool is forked and ended by
-    SIGTERM, and a worker raising there instead of dying can leave the pool's queue lock held."""
-    previous = {signum: signal.signal(signum, _interrupt) for signum in (signal.SIGTERM, signal.SIGINT)}
-    os.register_at_fork(after_in_child=lambda: [signal.signal(s, h) for s, h in previous.items()])
+    SIGTERM, and a worker raising there instead of dying can leave the pool's queue lock held. Calling
+    this again installs no second fork hook and keeps the handlers from before the first call."""
+    if not _BEFORE:
+        os.register_at_fork(after_in_child=_restore_in_child)
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        previous = signal.signal(signum, _interrupt)
+        if previous is not _interrupt:
+            _BEFORE[signum] = previous
 
 
 def run_stage(stage: Callable[[DictConfig], Any]) -> None:
