@@ -50,9 +50,7 @@ def interrupt_on_signals() -> None:
     if not _BEFORE:
         os.register_at_fork(after_in_child=_restore_in_child)
     for signum in (signal.SIGTERM, signal.SIGINT):
-        previous = signal.signal(signum, _interrupt)
-        if previous is not _interrupt:
-            _BEFORE[signum] = previous
+        _BEFORE.setdefault(signum, signal.signal(signum, _interrupt))
 
 
 def run_stage(stage: Callable[[DictConfig], Any]) -> None:
