@@ -1,6 +1,7 @@
 """Activation statistics for LET initialisation (reference §2.4).
 
-For the input of every decoder-block linear: the running max of |x| per input channel
+For the input of every module that holds a block's quantized weights (and the MoE router), as
+the architecture adapter lays them out: the running max of |x| per input channel
 (``act_scales``) and the EMA shift of the reference (``act_shifts``): the first sample gives
 ``(max_c + min_c) / 2`` over its tokens, each later sample updates ``0.99·shift + 0.01·new``.
 Saved as safetensors keyed ``<layer path>.act_scales`` / ``.act_shifts``.
@@ -11,7 +12,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from omniquant.models.architectures import architecture_of, block_linears, decoder_layers
+from omniquant.arch import adapter_of
 
 EMA = 0.99
 
@@ -19,7 +20,7 @@ EMA = 0.99
 @torch.no_grad()
 def collect(model: nn.Module, windows: torch.Tensor) -> dict[str, torch.Tensor]:
     """Run the FP model over ``windows`` ([n, seqlen]) one sample at a time, hooking linear inputs."""
-    arch = architecture_of(model)
+    adapter = adapter_of(model)
     stats: dict[str, torch.Tensor] = {}
     hooks = []
 
@@ -36,9 +37,10 @@ def collect(model: nn.Module, windows: torch.Tensor) -> dict[str, torch.Tensor]:
 
         return fn
 
-    for i, block in enumerate(decoder_layers(model)):
-        for name, linear in block_linears(block, arch).items():
-            hooks.append(linear.register_forward_pre_hook(hook(f"{arch.layers}.{i}.{name}")))
+    for i, layer in enumerate(adapter.decoder_layers(model)):
+        modules = dict.fromkeys(v.module for v in adapter.layout(layer, model.config).views.values())
+        for name in modules:
+            hooks.append(layer.get_submodule(name).register_forward_pre_hook(hook(f"{adapter.layers}.{i}.{name}")))
     device = next(model.parameters()).device
     try:
         for sample in tqdm(windows, desc="act_stats", unit="sample", dynamic_ncols=True):
@@ -49,7 +51,8 @@ def collect(model: nn.Module, windows: torch.Tensor) -> dict[str, torch.Tensor]:
     return {k: v.cpu() for k, v in stats.items()}
 
 
-def for_block(stats: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
-    """``{linear name within the block: act_scales}`` for the block at ``prefix`` (e.g. model.layers.3)."""
-    suffix = ".act_scales"
+def for_block(stats: dict[str, torch.Tensor], prefix: str, kind: str = "act_scales") -> dict[str, torch.Tensor]:
+    """``{module path within the block: statistic}`` for the block at ``prefix`` (e.g. model.layers.3);
+    ``kind``: act_scales or act_shifts."""
+    suffix = f".{kind}"
     return {k[len(prefix) + 1 : -len(suffix)]: v for k, v in stats.items() if k.startswith(prefix + ".") and k.endswith(suffix)}

@@ -1,34 +1,40 @@
-"""Our own forward of a Llama-family decoder block, with LWC, LET and activation quantization.
+"""Our own forward of a decoder block, with LWC, LET and activation quantization.
 
 The block wraps an HF decoder layer and reuses its modules' weights; it never patches HF
-attention internals. Two modes:
+internals. What differs between families (norm kind, qk-norm, masks and positions, MLP kind,
+fused or expert weights, smoothing pairs) comes from the layer's :mod:`omniquant.arch` adapter.
+Two modes:
 
 - *training* (``fused=False``): LET-transformed, LWC-fake-quantized weights are recomputed as
   differentiable temporaries from the frozen originals on every forward (reference §2.5);
 - *fused* (``fused=True``): :meth:`fuse_` has written the transformed, fake-quantized weights into
   the HF modules in place (in fp32, then cast back), so only activation quantization remains.
 
-LET pairs for Llama (reference §2.2), all with grouped-query attention support:
-``qkv`` [input norm → q,k,v] (per hidden channel), ``out`` [v → o] (per v_proj output channel,
-repeated over the query heads sharing that KV head), ``qk`` [Q, K] (per K channel, repeated over
-the query group; optionally tied across RoPE pairs so the transform stays exact), ``fc1``
-[post-attention norm → gate, up]. ``down_proj`` has no LET (paper §3.3).
+LET pairs come from the adapter (reference §2.2), all with grouped-query attention support:
+``qkv`` [attention norm → q,k,v] (per hidden channel), ``out`` [v → o] (per v channel, repeated
+over the query heads sharing that KV head), ``qk`` [Q, K] (per K channel, repeated over the query
+group, or per head channel folded into the q/k norms where the family has qk-norm; optionally tied
+across RoPE pairs so the transform stays exact), ``fc1`` [MLP norm → gate, up / fc1 / router and
+experts]. ``down`` has no LET (paper §3.3). Families whose norms have a bias (OPT) also learn the
+reference's shifts when activations are quantized.
 """
 from __future__ import annotations
 
+import sys
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator, Mapping
+from typing import Callable, Iterator, Mapping
 
 import torch
 from torch import nn
-from transformers.models.llama.modeling_llama import ALL_ATTENTION_FUNCTIONS, apply_rotary_pos_emb, eager_attention_forward
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from omniquant.models.architectures import LLAMA, block_linears, decoder_layers
+from omniquant.arch import Layout, Pair, adapter_of_layer, decoder_layers
 from omniquant.quantizer import QuantSpec, from_groups, quantize_activation, quantize_groups, to_groups
 
 LWC_INIT = 4.0  # σ(4) ≈ 0.982
 LET_MIN = 1e-2  # truncation guard on LET scales (reference ``truncate_number``)
+LET_PAIRS = ("qkv", "fc1", "out")  # learned smoothing pairs besides ``qk``
 
 
 @dataclass(frozen=True)
@@ -46,10 +52,9 @@ class BlockConfig:
 class Transformed:
     """A block's effective weights for one forward (or for fusion)."""
 
-    weights: dict[str, torch.Tensor]
+    weights: dict[str, torch.Tensor]  # role -> [out, in]
     biases: dict[str, torch.Tensor | None]
-    norm1: torch.Tensor
-    norm2: torch.Tensor
+    norms: dict[str, tuple[torch.Tensor, torch.Tensor | None]]  # norm path -> (multiplier, bias)
     qparams: dict[str, tuple[torch.Tensor, torch.Tensor]]
 
 
@@ -61,6 +66,12 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * xf.to(dtype)
 
 
+def rms_norm_1p(x: torch.Tensor, multiplier: torch.Tensor, eps: float) -> torch.Tensor:
+    """HF Gemma3RMSNorm with its ``1 + w`` given as ``multiplier`` (computed in float32)."""
+    xf = x.float()
+    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * multiplier.float()).type_as(x)
+
+
 def truncate_(scale: torch.Tensor) -> None:
     """Keep |s| ≥ 1e-2 (in place, on the parameter's data)."""
     with torch.no_grad():
@@ -68,39 +79,68 @@ def truncate_(scale: torch.Tensor) -> None:
         scale.copy_(torch.where(small, torch.sign(scale) * LET_MIN, scale))
 
 
+def _eps(norm: nn.Module) -> float:
+    return norm.variance_epsilon if hasattr(norm, "variance_epsilon") else norm.eps
+
+
 class QuantBlock(nn.Module):
-    """A Llama decoder layer run by our forward; returns hidden states like the HF layer."""
+    """A decoder layer run by our forward; returns hidden states like the HF layer."""
 
     def __init__(self, layer: nn.Module, cfg: BlockConfig, act_scales: Mapping[str, torch.Tensor] | None = None,
-                 alpha: float = 0.5, weight_stat: str = "abs"):
+                 alpha: float = 0.5, weight_stat: str = "abs", act_shifts: Mapping[str, torch.Tensor] | None = None):
         super().__init__()
         self.layer = layer
         self.cfg = cfg
+        self.adapter = adapter_of_layer(layer)
         attn = layer.self_attn
+        config = attn.config
+        self.layout = self.adapter.layout(layer, config)
+        views = self.layout.views
         self.head_dim = attn.head_dim
-        self.n_rep = attn.num_key_value_groups
-        self.n_kv = attn.k_proj.out_features // self.head_dim
+        self.n_kv = views["k"].weight(layer).shape[0] // self.head_dim
+        self.n_rep = views["q"].weight(layer).shape[0] // self.head_dim // self.n_kv
+        self.sliding_window = self.adapter.sliding_window(config, attn.layer_idx)
+        family_code = sys.modules[type(attn).__module__]
+        self._rope = getattr(family_code, "apply_rotary_pos_emb", None)
+        self._eager = family_code.eager_attention_forward
         self.fused = False
-        self.linears = block_linears(layer, LLAMA)
+        self.taps: dict[str, Callable[[torch.Tensor], None]] = {}  # role -> receives that linear's input
         self.lwc = nn.ParameterDict()
         if cfg.lwc and cfg.weight is not None:
-            for name, lin in self.linears.items():
-                rows = to_groups(lin.weight.detach(), cfg.weight.group_size)[0].shape[0]
-                key = name.replace(".", "_")
-                self.lwc[f"{key}_max"] = nn.Parameter(torch.full((rows, 1), LWC_INIT, device=lin.weight.device))
-                self.lwc[f"{key}_min"] = nn.Parameter(torch.full((rows, 1), LWC_INIT, device=lin.weight.device))
+            for view in self.layout.quantized.values():
+                w = view.weight(layer)
+                rows = to_groups(w.detach(), cfg.weight.group_size)[0].shape[0]
+                key = view.name.replace(".", "_")
+                self.lwc[f"{key}_max"] = nn.Parameter(torch.full((rows, 1), LWC_INIT, device=w.device))
+                self.lwc[f"{key}_min"] = nn.Parameter(torch.full((rows, 1), LWC_INIT, device=w.device))
         self.let = nn.ParameterDict()
         if cfg.let:
-            self._init_let(act_scales, alpha, weight_stat)
+            self._init_let(act_scales, alpha, weight_stat, act_shifts)
+
+    @property
+    def norm_paths(self) -> list[str]:
+        a = self.adapter
+        return [p for p in (a.attn_norm, a.mlp_norm, a.attn_out_norm, a.mlp_out_norm, *(a.qk_norm or ())) if p]
+
+    @property
+    def let_pairs(self):
+        return [p for name in LET_PAIRS for p in self.layout.pairs if p.name == name]
+
+    @property
+    def shifts(self) -> bool:
+        """LET shifts: families whose norms have a bias, when activations are quantized (reference)."""
+        return self.adapter.let_shifts and self.cfg.act is not None
 
     # ------------------------------------------------------------------ LET
-    def _init_let(self, act_scales: Mapping[str, torch.Tensor] | None, alpha: float, weight_stat: str) -> None:
-        """SmoothQuant-style init ``s = a^α / w^(1-α)``; Q/K scales start at 1.
+    def _init_let(self, act_scales: Mapping[str, torch.Tensor] | None, alpha: float, weight_stat: str,
+                  act_shifts: Mapping[str, torch.Tensor] | None) -> None:
+        """SmoothQuant-style init ``s = a^α / w^(1-α)`` from each pair's ``init`` linear; Q/K scales start
+        at 1; shifts at the activation midpoints (OS+, reference §2.4).
 
         Without statistics (a saved parameter file is about to be loaded) every scale starts at 1.
         """
-        lin = self.linears
-        dev = lin["self_attn.q_proj"].weight.device
+        views = self.layout.views
+        dev = views["q"].weight(self.layer).device
 
         def smooth(act: torch.Tensor | None, weight: torch.Tensor) -> torch.Tensor:
             if act is None:
@@ -110,13 +150,22 @@ class QuantBlock(nn.Module):
             a = act.float().to(dev).clamp(min=1e-5)
             return (a.pow(alpha) / wstat.clamp(min=1e-5).pow(1 - alpha)).clamp(min=1e-5)
 
-        stat = (act_scales or {}).get
-        self.let["qkv"] = nn.Parameter(smooth(stat("self_attn.q_proj"), lin["self_attn.q_proj"].weight))
-        self.let["fc1"] = nn.Parameter(smooth(stat("mlp.up_proj"), lin["mlp.up_proj"].weight))
-        out = smooth(stat("self_attn.o_proj"), lin["self_attn.o_proj"].weight)  # [heads*d]
-        self.let["out"] = nn.Parameter(out.view(self.n_kv, self.n_rep, self.head_dim).amax(1).flatten())
-        qk_width = self.head_dim // 2 if self.cfg.tie_rope else self.head_dim
-        self.let["qk"] = nn.Parameter(torch.ones(self.n_kv, qk_width, device=dev))
+        for pair in self.let_pairs:
+            init = views[pair.init]
+            s = smooth((act_scales or {}).get(init.module), init.weight(self.layer))
+            if pair.heads:  # [heads*d] -> one scale per KV channel
+                s = s.view(self.n_kv, self.n_rep, self.head_dim).amax(1).flatten()
+            self.let[pair.name] = nn.Parameter(s)
+            if self.shifts:
+                shift = (act_shifts or {}).get(init.module)
+                shift = torch.zeros_like(s) if shift is None else shift.float().to(dev)
+                if pair.heads:
+                    shift = shift.view(self.n_kv, self.n_rep, self.head_dim).mean(1).flatten()
+                self.let[f"{pair.name}_shift"] = nn.Parameter(shift.clone())
+        rotary = self.adapter.rotary is not None
+        qk_width = self.head_dim // 2 if self.cfg.tie_rope and rotary else self.head_dim
+        heads = 1 if self.adapter.qk_norm else self.n_kv  # qk-norm weights are shared by all heads
+        self.let["qk"] = nn.Parameter(torch.ones(heads, qk_width, device=dev))
 
     def _per_query_head(self, kv_vector: torch.Tensor) -> torch.Tensor:
         """Repeat a per-KV-channel vector ``[n_kv*d]`` over the query heads of each group."""
@@ -124,42 +173,67 @@ class QuantBlock(nn.Module):
 
     def _qk_scale(self) -> torch.Tensor:
         s = self.let["qk"]
-        if self.cfg.tie_rope:
+        if s.shape[-1] != self.head_dim:
             s = torch.cat([s, s], dim=-1)  # RoPE rotates channel pairs (i, i + d/2)
         return s.flatten()
 
-    def transformed(self) -> "Transformed":
+    def _norm_params(self, path: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(multiplier, bias) of a norm as our forward applies it: ``1 + w`` for (1 + w) RMSNorm."""
+        norm = self.layer.get_submodule(path)
+        w = norm.weight.float()
+        bias = getattr(norm, "bias", None)
+        return (1.0 + w if self.adapter.norm == "rms_1p" else w), (None if bias is None else bias.float())
+
+    def transformed(self) -> Transformed:
         """LET-transformed, fake-quantized weights, biases and norm weights (differentiable).
 
-        Also returns each linear's final ``(scale, zero)`` for packing.
+        Also returns each quantized view's final ``(scale, zero)`` for packing.
         """
-        layer = self.layer
-        weights = {name: lin.weight.float() for name, lin in self.linears.items()}
-        biases = {name: None if lin.bias is None else lin.bias.float() for name, lin in self.linears.items()}
-        norm1 = layer.input_layernorm.weight.float()
-        norm2 = layer.post_attention_layernorm.weight.float()
+        layer, views = self.layer, self.layout.views
+        weights = {role: v.weight(layer).float() for role, v in views.items()}
+        biases = {role: None if (b := v.bias(layer)) is None else b.float() for role, v in views.items()}
+        norms = {path: self._norm_params(path) for path in self.norm_paths}
         if self.cfg.let:
-            for p in self.let.values():
-                truncate_(p)
-            s_qkv, s_fc1, s_out, s_k = self.let["qkv"], self.let["fc1"], self.let["out"], self._qk_scale()
-            norm1 = norm1 / s_qkv
-            norm2 = norm2 / s_fc1
-            weights["self_attn.q_proj"] = weights["self_attn.q_proj"] * s_qkv / self._per_query_head(s_k)[:, None]
-            weights["self_attn.k_proj"] = weights["self_attn.k_proj"] * s_qkv * s_k[:, None]
-            weights["self_attn.v_proj"] = weights["self_attn.v_proj"] * s_qkv / s_out[:, None]
-            weights["self_attn.o_proj"] = weights["self_attn.o_proj"] * self._per_query_head(s_out)
-            weights["mlp.gate_proj"] = weights["mlp.gate_proj"] * s_fc1
-            weights["mlp.up_proj"] = weights["mlp.up_proj"] * s_fc1
-            row_scales = {"self_attn.q_proj": 1 / self._per_query_head(s_k), "self_attn.k_proj": s_k,
-                          "self_attn.v_proj": 1 / s_out}
-            for name, r in row_scales.items():
-                if biases[name] is not None:
-                    biases[name] = biases[name] * r
+            self._apply_let(weights, biases, norms)
         qparams = {}
         if self.cfg.weight is not None:
-            for name, w in weights.items():
-                weights[name], qparams[name] = self._quantize_weight(name, w)
-        return Transformed(weights, biases, norm1, norm2, qparams)
+            for role, view in self.layout.quantized.items():
+                weights[role], qparams[role] = self._quantize_weight(view.name, weights[role])
+        return Transformed(weights, biases, norms, qparams)
+
+    def _apply_let(self, weights: dict, biases: dict, norms: dict) -> None:
+        for name, p in self.let.items():
+            if not name.endswith("_shift"):
+                truncate_(p)
+        for pair in self.let_pairs:
+            s = self.let[pair.name]
+            delta = self.let[f"{pair.name}_shift"] if self.shifts else None
+            s_in = self._per_query_head(s) if pair.heads else s
+            for c in pair.consumers:  # Y = ((X - δ) / s)(W s)ᵀ + (b + W δ)
+                if delta is not None:
+                    d_in = self._per_query_head(delta) if pair.heads else delta
+                    biases[c] = biases[c] + weights[c] @ d_in
+                weights[c] = weights[c] * s_in
+            if pair.prev in weights:  # rows of a linear (v_proj)
+                weights[pair.prev] = weights[pair.prev] / s[:, None]
+                if biases[pair.prev] is not None:
+                    b = biases[pair.prev] if delta is None else biases[pair.prev] - delta
+                    biases[pair.prev] = b / s
+            else:  # a norm
+                m, b = norms[pair.prev]
+                norms[pair.prev] = (m / s, None if b is None else (b if delta is None else b - delta) / s)
+        s_k = self._qk_scale()
+        if self.adapter.qk_norm:  # Q ⊘ s and K ⊙ s per head channel through the q/k norm weights
+            qn, kn = self.adapter.qk_norm
+            norms[qn] = (norms[qn][0] / s_k, norms[qn][1])
+            norms[kn] = (norms[kn][0] * s_k, norms[kn][1])
+        else:
+            s_q = self._per_query_head(s_k)
+            weights["q"] = weights["q"] / s_q[:, None]
+            weights["k"] = weights["k"] * s_k[:, None]
+            for role, r in (("q", 1 / s_q), ("k", s_k)):
+                if biases[role] is not None:
+                    biases[role] = biases[role] * r
 
     def _quantize_weight(self, name: str, w: torch.Tensor) -> tuple[torch.Tensor, tuple]:
         spec = self.cfg.weight
@@ -173,57 +247,153 @@ class QuantBlock(nn.Module):
 
     @torch.no_grad()
     def fuse_(self) -> dict[str, dict[str, torch.Tensor]]:
-        """Write transformed fake-quantized weights into the HF modules; returns scales/zeros."""
-        dtype = self.layer.input_layernorm.weight.dtype
+        """Write transformed fake-quantized weights into the HF modules; returns scales/zeros per stored
+        weight (the views of a fused linear concatenated in row order)."""
+        dtype = self.layer.get_submodule(self.adapter.attn_norm).weight.dtype
         t = self.transformed()
-        for name, lin in self.linears.items():
-            lin.weight.copy_(t.weights[name].to(dtype))
-            if lin.bias is not None:
-                lin.bias.copy_(t.biases[name].to(dtype))
-        self.layer.input_layernorm.weight.copy_(t.norm1.to(dtype))
-        self.layer.post_attention_layernorm.weight.copy_(t.norm2.to(dtype))
+        for role, view in self.layout.views.items():
+            view.weight(self.layer).copy_(t.weights[role].to(dtype))
+            bias = view.bias(self.layer)
+            if bias is not None:
+                bias.copy_(t.biases[role].to(dtype))
+        for path, (m, b) in t.norms.items():
+            norm = self.layer.get_submodule(path)
+            norm.weight.copy_((m - 1.0 if self.adapter.norm == "rms_1p" else m).to(dtype))
+            if b is not None:
+                norm.bias.copy_(b.to(dtype))
         self.fused = True
         self.lwc = nn.ParameterDict()
         self.let = nn.ParameterDict()
-        return {name: {"scales": s, "zeros": z} for name, (s, z) in t.qparams.items()}
+        return merge_qparams(self.layout, t.qparams)
+
+    @torch.no_grad()
+    def fold_(self, pair: Pair, s: torch.Tensor) -> None:
+        """Fold a smoothing scale exactly into the layer: ``pair.prev``'s output channels (a norm's
+        multiplier and bias, or a linear's rows) divided by ``s``, the consumers' inputs multiplied."""
+        if pair.prev in self.layout.views:
+            view = self.layout.views[pair.prev]
+            view.weight(self.layer).div_(s[:, None])
+            bias = view.bias(self.layer)
+        else:
+            norm = self.layer.get_submodule(pair.prev)
+            if self.adapter.norm == "rms_1p":
+                norm.weight.copy_((1.0 + norm.weight.float()) / s - 1.0)
+            else:
+                norm.weight.div_(s)
+            bias = getattr(norm, "bias", None)
+        if bias is not None:
+            bias.div_(s)
+        s_in = self._per_query_head(s) if pair.heads else s
+        for role in pair.consumers:
+            self.layout.views[role].weight(self.layer).mul_(s_in)
 
     # ------------------------------------------------------------------ forward
     def _act(self, x: torch.Tensor) -> torch.Tensor:
         return x if self.cfg.act is None else quantize_activation(x, self.cfg.act)
 
-    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
-                past_key_values=None, **kwargs) -> torch.Tensor:
-        layer, attn = self.layer, self.layer.self_attn
-        x = hidden_states
-        if self.fused:
-            t = Transformed({n: m.weight for n, m in self.linears.items()}, {n: m.bias for n, m in self.linears.items()},
-                            layer.input_layernorm.weight, layer.post_attention_layernorm.weight, {})
-        else:
-            t = self.transformed()
+    def effective(self) -> Transformed:
+        """The weights this forward uses: the modules' own once fused, else the transformed temporaries."""
+        if not self.fused:
+            return self.transformed()
+        views = self.layout.views
+        return Transformed({r: v.weight(self.layer) for r, v in views.items()},
+                           {r: v.bias(self.layer) for r, v in views.items()},
+                           {p: self._norm_params(p) if self.adapter.norm == "rms_1p" else
+                            (self.layer.get_submodule(p).weight, getattr(self.layer.get_submodule(p), "bias", None))
+                            for p in self.norm_paths}, {})
 
-        def proj(name: str, xq: torch.Tensor) -> torch.Tensor:
-            bias = t.biases[name]
-            return nn.functional.linear(xq, t.weights[name].to(x.dtype), None if bias is None else bias.to(x.dtype))
+    def proj(self, role: str, x: torch.Tensor, t: Transformed) -> torch.Tensor:
+        if role in self.taps:
+            self.taps[role](x)
+        bias = t.biases[role]
+        return nn.functional.linear(x, t.weights[role].to(x.dtype), None if bias is None else bias.to(x.dtype))
 
-        h = self._act(rms_norm(x, t.norm1.to(x.dtype), layer.input_layernorm.variance_epsilon))
+    def norm(self, path: str, x: torch.Tensor, t: Transformed) -> torch.Tensor:
+        module = self.layer.get_submodule(path)
+        m, b = t.norms[path]
+        if self.adapter.norm == "rms":
+            return rms_norm(x, m.to(x.dtype), _eps(module))
+        if self.adapter.norm == "rms_1p":
+            return rms_norm_1p(x, m, _eps(module))
+        return nn.functional.layer_norm(x, module.normalized_shape, m.to(x.dtype), None if b is None else b.to(x.dtype),
+                                        _eps(module))
+
+    def attention(self, h: torch.Tensor, t: Transformed, attention_mask: torch.Tensor | None = None,
+                  position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+                  past_key_values=None) -> torch.Tensor:
+        """The attention sublayer on normalised input ``h`` (output after o_proj and any post-norm)."""
+        a, attn = self.adapter, self.layer.self_attn
         shape = (*h.shape[:-1], -1, self.head_dim)
-        q = proj("self_attn.q_proj", h).view(shape).transpose(1, 2)
-        k = proj("self_attn.k_proj", h).view(shape).transpose(1, 2)
-        v = proj("self_attn.v_proj", h).view(shape).transpose(1, 2)
-        cos, sin = position_embeddings
-        q, k = apply_rotary_pos_emb(q, k, cos, sin)
-        # Q, K after RoPE and V: per (token, head); quantizing before repeat_kv is identical.
+        q = self.proj("q", h, t)
+        if a.q_scaled_after_proj:
+            q = q * attn.scaling
+        q = q.view(shape).transpose(1, 2)
+        k = self.proj("k", h, t).view(shape).transpose(1, 2)
+        v = self.proj("v", h, t).view(shape).transpose(1, 2)
+        if a.qk_norm:
+            q, k = self.norm(a.qk_norm[0], q, t), self.norm(a.qk_norm[1], k, t)
+        if a.rotary:
+            cos, sin = position_embeddings
+            q, k = self._rope(q, k, cos, sin)
+        # Q, K (after RoPE) and V: per (token, head); quantizing before repeat_kv is identical.
         q, k, v = self._act(q), self._act(k), self._act(v)
         if past_key_values is not None:
             k, v = past_key_values.update(k, v, attn.layer_idx)
-        attention = ALL_ATTENTION_FUNCTIONS.get_interface(attn.config._attn_implementation, eager_attention_forward)
-        out, _ = attention(attn, q, k, v, attention_mask, dropout=0.0, scaling=attn.scaling)
-        out = out.reshape(*x.shape[:-1], -1).contiguous()
-        x = x + proj("self_attn.o_proj", self._act(out))
-        h = self._act(rms_norm(x, t.norm2.to(x.dtype), layer.post_attention_layernorm.variance_epsilon))
-        m = layer.mlp.act_fn(proj("mlp.gate_proj", h)) * proj("mlp.up_proj", h)
-        return x + proj("mlp.down_proj", self._act(m))
+        attention = ALL_ATTENTION_FUNCTIONS.get_interface(attn.config._attn_implementation, self._eager)
+        out, _ = attention(attn, q, k, v, attention_mask, dropout=0.0,
+                           scaling=1.0 if a.q_scaled_after_proj else attn.scaling, sliding_window=self.sliding_window)
+        out = out.reshape(*h.shape[:-1], -1).contiguous()
+        out = self.proj("o", self._act(out), t)
+        return self.norm(a.attn_out_norm, out, t) if a.attn_out_norm else out
+
+    def mlp(self, h: torch.Tensor, t: Transformed) -> torch.Tensor:
+        """The MLP sublayer on normalised input ``h`` (output after any post-norm)."""
+        a = self.adapter
+        act_fn = self.layer.get_submodule(a.act_fn)
+        if a.mlp == "glu":
+            out = self.proj("down", self._act(act_fn(self.proj("gate", h, t)) * self.proj("up", h, t)), t)
+        elif a.mlp == "ffn":
+            out = self.proj("down", self._act(act_fn(self.proj("up", h, t))), t)
+        else:
+            out = self._experts(h, t, act_fn)
+        return self.norm(a.mlp_out_norm, out, t) if a.mlp_out_norm else out
+
+    def _experts(self, h: torch.Tensor, t: Transformed, act_fn: nn.Module) -> torch.Tensor:
+        """Top-k routing as HF Mixtral: softmax over the router logits, renormalised top-k weights."""
+        flat = h.reshape(-1, h.shape[-1])
+        probs = torch.softmax(self.proj("router", flat, t).float(), dim=-1)
+        top_w, top_i = torch.topk(probs, self.layer.mlp.gate.top_k, dim=-1)
+        top_w = top_w / top_w.sum(dim=-1, keepdim=True)
+        out = torch.zeros_like(flat)
+        for e in range(self.layout.experts):
+            token, slot = torch.where(top_i == e)
+            if token.numel() == 0:
+                continue
+            x = flat[token]
+            m = self._act(act_fn(self.proj(f"gate.{e}", x, t)) * self.proj(f"up.{e}", x, t))
+            y = self.proj(f"down.{e}", m, t) * top_w[token, slot, None]
+            out.index_add_(0, token, y.to(out.dtype))
+        return out.view(h.shape)
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+                past_key_values=None, **kwargs) -> torch.Tensor:
+        t = self.effective()
+        x = hidden_states
+        h = self._act(self.norm(self.adapter.attn_norm, x, t))
+        x = x + self.attention(h, t, attention_mask, position_embeddings, past_key_values)
+        h = self._act(self.norm(self.adapter.mlp_norm, x, t))
+        return x + self.mlp(h, t)
+
+
+def merge_qparams(layout: Layout, per_role: Mapping[str, tuple[torch.Tensor, torch.Tensor]]
+                  ) -> dict[str, dict[str, torch.Tensor]]:
+    """Scales and zeros per stored weight: the views of a fused linear concatenated in row order."""
+    parts: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+    for role, view in layout.quantized.items():
+        parts.setdefault(view.packed_key, []).append(per_role[role])
+    return {key: {"scales": torch.cat([s for s, _ in p]), "zeros": torch.cat([z for _, z in p])}
+            for key, p in parts.items()}
 
 
 def attach_act_quant(model: nn.Module, act: QuantSpec) -> None:

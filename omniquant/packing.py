@@ -40,6 +40,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from omniquant.arch import packable_adapter
+from omniquant.errors import UserError
 from omniquant.quantizer import QuantSpec, dequantize_weight
 
 FORMAT = "omniquant-packed"
@@ -177,6 +179,10 @@ def pack_model(model: nn.Module, qparams: dict[str, dict[str, torch.Tensor]],
     ``qparams`` maps each quantized linear's path to its ``scales`` and ``zeros`` (the pipeline's
     ``QuantResult.qparams``, or :func:`read_qparams` of ``qparams.safetensors``).
     """
+    try:
+        packable_adapter(model)
+    except UserError as err:
+        raise ValueError(str(err)) from None
     state = model.state_dict()
     tensors: dict[str, torch.Tensor] = {}
     linears: dict[str, list[int]] = {}

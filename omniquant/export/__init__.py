@@ -15,6 +15,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable
 
+from omniquant.arch import adapter_for
 from omniquant.errors import UserError
 from omniquant.export import awq, compressed_tensors, gguf
 from omniquant.export.common import IntLinear, QuantizedModel, load_quantized, quantized_model
@@ -33,4 +34,5 @@ def export(qm: QuantizedModel, fmt: str, out: str | Path) -> Path:
     """Write ``qm`` in format ``fmt`` under the directory ``out``; returns what was written."""
     if fmt not in FORMATS:
         raise UserError(f"export format {fmt!r} is unknown; available: {', '.join(FORMATS)}")
+    adapter_for(qm.config.model_type).require_format(fmt)
     return FORMATS[fmt](qm, Path(out))

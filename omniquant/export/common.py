@@ -20,7 +20,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, 
 
 from omniquant.block import plain_layers
 from omniquant.errors import UserError
-from omniquant.models.architectures import architecture_of, block_linears, decoder_layers
+from omniquant.arch import packable_adapter
 from omniquant.packing import codes_from_weight, read_qparams
 from omniquant.quantizer import QuantSpec
 from omniquant.setting import QuantSetting
@@ -89,12 +89,13 @@ def quantized_model(
     spec = setting.weight_spec
     if spec is None:
         raise UserError(f"setting {setting.name} does not quantize weights: there is nothing to export")
-    arch = architecture_of(model)
+    adapter = packable_adapter(model)
     with plain_layers(model):
         linears: dict[str, IntLinear] = {}
-        for i, layer in enumerate(decoder_layers(model)):
-            for name, linear in block_linears(layer, arch).items():
-                path = f"{arch.layers}.{i}.{name}"
+        for i, layer in enumerate(adapter.decoder_layers(model)):
+            for name in dict.fromkeys(v.packed_key for v in adapter.layout(layer, model.config).quantized.values()):
+                linear = layer.get_submodule(name)
+                path = f"{adapter.layers}.{i}.{name}"
                 if path not in qparams:
                     raise UserError(f"no scales/zeros for {path}: pass the quantize stage's qparams")
                 q = {k: t.detach().cpu() for k, t in qparams[path].items()}

@@ -22,15 +22,16 @@ from torch import nn
 
 from omniquant.block import BlockConfig, QuantBlock
 from omniquant.errors import UserError
-from omniquant.methods.base import MethodContext, QuantResult
-from omniquant.methods.blockwise import INPUT_GROUPS, QParams, Rope, batched, forward, method_config, quantize_blocks
+from omniquant.methods.base import MethodContext, QuantResult, method_config, require_weights
 from omniquant.quantizer import QuantSpec, fake_quantize, from_groups, to_groups
+from omniquant.runner import BlockJob, Runner, StepResult
 from omniquant.setting import QuantSetting
 
 CLIP_GRID, MAX_SHRINK = 20, 0.5  # clip ratios 1 - k/20 for k < 10 (AWQ's auto_clip)
 CLIP_TOKENS = 512  # tokens sampled for the clipping search (AWQ's n_sample_token)
 CLIP_ROWS = 256  # output rows per clipping-search chunk (bounds memory)
-NO_CLIP = ("self_attn.q_proj", "self_attn.k_proj")  # AWQ skips clipping the attention-score inputs
+NO_CLIP = ("q", "k")  # AWQ skips clipping the attention-score inputs
+FORWARD_BATCH = 8  # calibration windows per forward of a scale-search candidate
 
 
 @dataclass(frozen=True)
@@ -43,58 +44,35 @@ class AWQConfig:
             raise UserError(f"awq: n_grid={self.n_grid} must be >= 1")
 
 
-@dataclass(frozen=True)
-class Pair:
-    """Consumers whose input channels are scaled, and the op that absorbs ``1/s``."""
-
-    name: str
-    prev: str
-    consumers: tuple[str, ...]
-    inspect: str  # module whose output the scale search compares
-    kv_heads: bool = False  # scale per v_proj channel, repeated over the query heads for o_proj
-
-
-PAIRS = (
-    Pair("qkv", "input_layernorm", INPUT_GROUPS[0], "self_attn"),
-    Pair("out", "self_attn.v_proj", INPUT_GROUPS[1], "self_attn.o_proj", kv_heads=True),
-    Pair("fc1", "post_attention_layernorm", INPUT_GROUPS[2], "mlp"),
-    Pair("down", "mlp.up_proj", INPUT_GROUPS[3], "mlp.down_proj"),
-)
+def batched(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """``fn`` over ``x`` split along the first (window) axis."""
+    return torch.cat([fn(xb) for xb in x.split(FORWARD_BATCH)])
 
 
 @torch.no_grad()
-def search_scale(inspect: Callable[[torch.Tensor], torch.Tensor], consumers: list[nn.Linear], x: torch.Tensor,
-                 spec: QuantSpec, n_grid: int, act_mean: torch.Tensor,
+def search_scale(inspect: Callable[[torch.Tensor], torch.Tensor], consumers: list[torch.Tensor],
+                 quantized: list[bool], x: torch.Tensor, spec: QuantSpec, n_grid: int, act_mean: torch.Tensor,
                  expand: Callable[[torch.Tensor], torch.Tensor]) -> tuple[torch.Tensor, float]:
-    """Best ``s = act_mean^α`` for ``consumers`` (fed ``x``) and its ``α``.
+    """Best ``s = act_mean^α`` for the ``consumers``' weights (fed ``x``) and its ``α``.
 
-    ``expand`` maps ``s`` to the consumers' input channels. The weights are left as they were.
+    ``expand`` maps ``s`` to the consumers' input channels; ``quantized`` says which consumers are
+    fake-quantized (a full-precision router is only scaled). The weights are left as they were.
     """
-    originals = [c.weight.detach().clone() for c in consumers]
+    originals = [c.detach().clone() for c in consumers]
     ref = batched(inspect, x)
     best: tuple[float, torch.Tensor, float] = (float("inf"), torch.ones_like(act_mean), 0.0)
     for k in range(n_grid):
         alpha = k / n_grid
         s = act_mean.pow(alpha).clamp(min=1e-4)
         s = s / (s.max() * s.min()).sqrt()
-        for consumer, w in zip(consumers, originals):
-            consumer.weight.copy_(fake_quantize(w * expand(s), spec) / expand(s))
+        for consumer, w, q in zip(consumers, originals, quantized):
+            consumer.copy_((fake_quantize(w * expand(s), spec) if q else w * expand(s)) / expand(s))
         loss = (batched(inspect, x) - ref).pow(2).mean().item()
         if loss < best[0]:
             best = (loss, s, alpha)
     for consumer, w in zip(consumers, originals):
-        consumer.weight.copy_(w)
+        consumer.copy_(w)
     return best[1], best[2]
-
-
-@torch.no_grad()
-def fold_scale(prev: nn.Module, consumers: list[nn.Linear], s: torch.Tensor, s_in: torch.Tensor) -> None:
-    """Divide ``prev``'s output channels by ``s``, multiply the consumers' inputs by ``s_in``."""
-    prev.weight.div_(s[:, None] if prev.weight.dim() == 2 else s)
-    if getattr(prev, "bias", None) is not None:
-        prev.bias.div_(s)
-    for consumer in consumers:
-        consumer.weight.mul_(s_in)
 
 
 @torch.no_grad()
@@ -130,39 +108,57 @@ def clip_weight(w: torch.Tensor, x: torch.Tensor, spec: QuantSpec) -> torch.Tens
     return from_groups(torch.minimum(torch.maximum(groups, -bound), bound), w.shape, pad)
 
 
-def _quantize_block(prefix: str, layer: nn.Module, x: torch.Tensor, pe: Rope, spec: QuantSpec, cfg: AWQConfig,
-                    alphas: dict[str, float]) -> QParams:
+def awq_step(job: BlockJob, cfg: AWQConfig, alphas: dict[str, float]) -> StepResult:
     """Scale search and folding, clipping search, then RTN of one layer in place."""
-    qblock = QuantBlock(layer, BlockConfig(weight=spec))
-    inputs: dict[str, list[torch.Tensor]] = {p.name: [] for p in PAIRS}
-    forward(layer, x, pe, {layer.get_submodule(p.consumers[0]): inputs[p.name].append for p in PAIRS})
-    feats = {name: torch.cat(chunks) for name, chunks in inputs.items()}
-    attn = layer.self_attn
-    for pair in PAIRS:
-        module = layer.get_submodule(pair.inspect)
-        inspect = (lambda h: attn(h, position_embeddings=pe)[0]) if module is attn else module
-        consumers = [layer.get_submodule(name) for name in pair.consumers]
-        act_mean = feats[pair.name].abs().reshape(-1, feats[pair.name].shape[-1]).mean(0)
-        expand = qblock._per_query_head if pair.kv_heads else nn.Identity()
-        if pair.kv_heads:  # one statistic per KV channel: mean over the query heads sharing it
-            act_mean = act_mean.view(qblock.n_kv, qblock.n_rep, qblock.head_dim).mean(1).flatten()
-        s, alphas[f"{prefix}.{pair.name}"] = search_scale(inspect, consumers, feats[pair.name], spec, cfg.n_grid,
-                                                          act_mean, expand)
-        fold_scale(layer.get_submodule(pair.prev), consumers, s, expand(s))
-        feats[pair.name] = feats[pair.name] / expand(s)
+    setting = job.runner.setting
+    spec = setting.weight_spec
+    block = QuantBlock(job.layer, BlockConfig(weight=None))
+    block.fused = True  # searches read the layer's current weights
+    views, pairs = block.layout.views, block.layout.pairs
+    inputs: dict[str, list[torch.Tensor]] = {p.name: [] for p in pairs}
+    block.taps = {p.consumers[0]: inputs[p.name].append for p in pairs}
+    try:
+        job.run(block, job.fp_in)
+    finally:
+        block.taps = {}
+    feats = {name: torch.cat(chunks) for name, chunks in inputs.items() if chunks}
+
+    def inspector(pair) -> Callable[[torch.Tensor], torch.Tensor]:
+        if pair.inspect == "attention":
+            return lambda h: block.attention(h, block.effective(), **job.kwargs)
+        if pair.inspect == "mlp":
+            return lambda h: block.mlp(h, block.effective())
+        return lambda h: block.proj(pair.inspect, h, block.effective())
+
+    for pair in pairs:
+        if pair.name not in feats:  # an expert no calibration token was routed to
+            continue
+        consumers = [views[role].weight(job.layer) for role in pair.consumers]
+        quantized = [role not in block.layout.fp_roles for role in pair.consumers]
+        x = feats[pair.name]
+        act_mean = x.abs().reshape(-1, x.shape[-1]).mean(0)
+        expand = block._per_query_head if pair.heads else nn.Identity()
+        if pair.heads:  # one statistic per KV channel: mean over the query heads sharing it
+            act_mean = act_mean.view(block.n_kv, block.n_rep, block.head_dim).mean(1).flatten()
+        s, alphas[f"{job.prefix}.{pair.name}"] = search_scale(inspector(pair), consumers, quantized, x, spec,
+                                                              cfg.n_grid, act_mean, expand)
+        block.fold_(pair, s)
+        feats[pair.name] = x / expand(s)
     if cfg.clip:
-        for pair in PAIRS:
-            for name in pair.consumers:
-                if name not in NO_CLIP:
-                    weight = layer.get_submodule(name).weight
+        for pair in pairs:
+            for role in pair.consumers:
+                if pair.name in feats and role not in NO_CLIP and role not in block.layout.fp_roles:
+                    weight = views[role].weight(job.layer)
                     weight.copy_(clip_weight(weight, feats[pair.name], spec))
-    return qblock.fuse_()
+    out = QuantBlock(job.layer, BlockConfig(weight=spec, act=setting.act_spec))
+    return StepResult(out, out.fuse_())
 
 
 def quantize(model: nn.Module, setting: QuantSetting, cfg: Mapping[str, Any], calib: torch.Tensor,
              ctx: MethodContext) -> QuantResult:
     """AWQ weights for every decoder-block linear; per-token activations if the setting has them."""
+    require_weights("awq", setting)
     alphas: dict[str, float] = {}
-    block = partial(_quantize_block, spec=setting.weight_spec, cfg=method_config(AWQConfig, cfg), alphas=alphas)
-    qparams = quantize_blocks(model, setting, calib, ctx, block, "awq", fp_chain=True)
+    step = partial(awq_step, cfg=method_config(AWQConfig, cfg), alphas=alphas)
+    qparams, _, _ = Runner(model, setting, calib, ctx.device, chains=("fp",)).run(step, "awq")
     return QuantResult(qparams=qparams, record={"awq_alpha": alphas})

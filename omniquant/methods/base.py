@@ -1,25 +1,39 @@
 """What every method receives besides the model, and what it returns."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, TypeVar
 
 import torch
+
+from omniquant.errors import UserError
+from omniquant.setting import QuantSetting
+
+T = TypeVar("T")
 
 
 @dataclass
 class MethodContext:
-    setting_overrides: Mapping[str, Any] = field(default_factory=dict)  # quant.<method>: per-setting values
-    profile: Mapping[str, Any] = field(default_factory=dict)  # calibration.*: the profile's budget
+    """Calibration inputs the stages prepare; a method's own options come in its config mapping."""
+
     act_stats: dict[str, torch.Tensor] | None = None
     state_dir: Path | None = None  # resume files
-    saved_params: dict[str, torch.Tensor] | None = None  # learned parameters to rebuild from
     device: torch.device | None = None
 
 
 @dataclass
 class QuantResult:
-    qparams: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)  # per linear: scales, zeros
+    qparams: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)  # per stored weight: scales, zeros
     learned: dict[str, torch.Tensor] = field(default_factory=dict)  # learned parameters (safetensors)
     record: dict[str, Any] = field(default_factory=dict)  # extra metrics (calibration time, memory, curves)
+
+
+def method_config(cls: type[T], cfg: Mapping[str, Any]) -> T:
+    """A method's knobs (a frozen dataclass) from its config; null or absent keys keep the defaults."""
+    return cls(**{f.name: cfg[f.name] for f in fields(cls) if cfg.get(f.name) is not None})
+
+
+def require_weights(method: str, setting: QuantSetting) -> None:
+    if setting.weight_spec is None:
+        raise UserError(f"method={method} quantizes weights; quant={setting.name} keeps them in full precision")

@@ -8,7 +8,8 @@ quantized through ``U``'s row (lazy batch updates). A group's scale and zero poi
 comes up; with static act-order (the default, as in llm-compressor) columns go by decreasing
 Hessian diagonal and every group's parameters come from the unquantized weights. With
 ``true_sequential`` the linears are done in input groups (q/k/v, o, gate/up,
-down), each group's Hessian taken with the groups before it already quantized.
+down; the adapter's input groups), each group's Hessian taken with the groups before it already
+quantized.
 """
 from __future__ import annotations
 
@@ -19,10 +20,11 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import nn
 
+from omniquant.block import BlockConfig, QuantBlock, merge_qparams
 from omniquant.errors import UserError
-from omniquant.methods.base import MethodContext, QuantResult
-from omniquant.methods.blockwise import INPUT_GROUPS, QParams, Rope, forward, method_config, quantize_blocks
+from omniquant.methods.base import MethodContext, QuantResult, method_config, require_weights
 from omniquant.quantizer import QuantSpec, qparams
+from omniquant.runner import BlockJob, Runner, StepResult
 from omniquant.setting import QuantSetting
 
 
@@ -86,45 +88,59 @@ def gptq(weight: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec,
 
 
 @torch.no_grad()
-def hessians(layer: nn.Module, names: Sequence[str], x: torch.Tensor, pe: Rope) -> dict[str, torch.Tensor]:
-    """``2/n Σ x xᵀ`` over the ``n`` calibration tokens entering each named linear of ``layer``."""
+def hessians(job: BlockJob, block: QuantBlock, roles: Sequence[str], x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """``2/n Σ x xᵀ`` over the ``n`` calibration tokens entering each named linear of the block."""
     sums: dict[str, torch.Tensor] = {}
-    counts = dict.fromkeys(names, 0)
+    counts = dict.fromkeys(roles, 0)
 
-    def accumulate(name: str):
+    def accumulate(role: str):
         def fn(inp: torch.Tensor) -> None:
             flat = inp.reshape(-1, inp.shape[-1]).float()
-            sums[name] = sums[name] + flat.T @ flat if name in sums else flat.T @ flat
-            counts[name] += flat.shape[0]
+            sums[role] = sums[role] + flat.T @ flat if role in sums else flat.T @ flat
+            counts[role] += flat.shape[0]
 
         return fn
 
-    forward(layer, x, pe, {layer.get_submodule(name): accumulate(name) for name in names})
-    return {name: 2 * sums[name] / counts[name] for name in names}
+    block.taps = {role: accumulate(role) for role in roles}
+    try:
+        job.run(block, x)
+    finally:
+        block.taps = {}
+    return {role: 2 * sums[role] / counts[role] for role in roles if role in sums}
 
 
-def _quantize_block(prefix: str, layer: nn.Module, x: torch.Tensor, pe: Rope, spec: QuantSpec,
-                    cfg: GPTQConfig) -> QParams:
-    """GPTQ every linear of one layer in place."""
-    steps = [[group] for group in INPUT_GROUPS] if cfg.true_sequential else [list(INPUT_GROUPS)]
-    out: QParams = {}
+def gptq_step(job: BlockJob, cfg: GPTQConfig) -> StepResult:
+    """GPTQ every quantized weight of one layer in place, group by group of the adapter."""
+    spec, setting = job.runner.setting.weight_spec, job.runner.setting
+    block = QuantBlock(job.layer, BlockConfig(weight=None))
+    block.fused = True  # the layer's own weights, updated as the groups are quantized
+    views = block.layout.quantized
+    groups = [tuple(r for r in g if r in views) for g in block.layout.groups]
+    steps = [[g] for g in groups] if cfg.true_sequential else [groups]
+    per_role: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     for step in steps:
-        h = hessians(layer, [group[0] for group in step], x, pe)
+        h = hessians(job, block, [g[0] for g in step], job.q_in)
         for group in step:
-            for name in group:
-                linear = layer.get_submodule(name)
+            for role in group:
+                weight = views[role].weight(job.layer)
+                # an expert no calibration token was routed to: H = I, i.e. round to nearest
+                hessian = h.get(group[0], torch.eye(weight.shape[1], device=weight.device))
                 try:
-                    w, scales, zeros = gptq(linear.weight, h[group[0]], spec, cfg)
+                    w, scales, zeros = gptq(weight, hessian, spec, cfg)
                 except torch.linalg.LinAlgError:
-                    raise UserError(f"gptq: the damped Hessian of {prefix}.{name} is not positive definite; "
-                                    f"raise method.percdamp (now {cfg.percdamp})") from None
-                linear.weight.copy_(w)
-                out[name] = {"scales": scales, "zeros": zeros}
-    return out
+                    raise UserError(f"gptq: the damped Hessian of {job.prefix}.{views[role].name} is not positive "
+                                    f"definite; raise method.percdamp (now {cfg.percdamp})") from None
+                weight.copy_(w)
+                per_role[role] = (scales, zeros)
+    out = QuantBlock(job.layer, BlockConfig(weight=None, act=setting.act_spec))
+    out.fused = True
+    return StepResult(out, merge_qparams(block.layout, per_role))
 
 
 def quantize(model: nn.Module, setting: QuantSetting, cfg: Mapping[str, Any], calib: torch.Tensor,
              ctx: MethodContext) -> QuantResult:
     """GPTQ weights for every decoder-block linear; per-token activations if the setting has them."""
-    block = partial(_quantize_block, spec=setting.weight_spec, cfg=method_config(GPTQConfig, cfg))
-    return QuantResult(qparams=quantize_blocks(model, setting, calib, ctx, block, "gptq"))
+    require_weights("gptq", setting)
+    step = partial(gptq_step, cfg=method_config(GPTQConfig, cfg))
+    qparams, _, _ = Runner(model, setting, calib, ctx.device, chains=("q",)).run(step, "gptq")
+    return QuantResult(qparams=qparams)

@@ -5,7 +5,6 @@ from dataclasses import asdict
 from typing import Any, Mapping
 
 from omniquant.calibrate import CalibConfig, calibrate
-from omniquant.errors import UserError
 from omniquant.methods.base import MethodContext, QuantResult
 from omniquant.setting import QuantSetting
 
@@ -15,31 +14,28 @@ KEYS = {"epochs": "epochs", "lwc": "lwc", "let": "let", "lwc_lr": "lwc_lr", "let
         "let_tie_rope": "tie_rope", "amp": "amp", "nan_policy": "nan_policy", "nan_retries": "nan_retries"}
 
 
-def calib_config(method_cfg: Mapping[str, Any], per_setting: Mapping[str, Any], setting: QuantSetting,
-                 profile: Mapping[str, Any] | None = None) -> CalibConfig:
-    """Precedence: explicit ``method.*`` > profile budget (``calibration.*``) > the setting's paper
-    value (``quant.omniquant.*``) > code default.
+def calib_config(method_cfg: Mapping[str, Any], setting: QuantSetting) -> CalibConfig:
+    """Precedence: explicit ``method.*`` > profile budget (option ``profile``: ``calibration.*``) > the
+    setting's paper value (option ``setting_defaults``: ``quant.omniquant.*``) > code default.
 
     LET defaults to on exactly for weight-activation settings (paper: Llama weight-only uses LWC only).
     """
     values: dict[str, Any] = {"let": setting.act_spec is not None}
+    sources = (method_cfg, method_cfg.get("profile") or {}, method_cfg.get("setting_defaults") or {})
     for key, field_name in KEYS.items():
-        for source in (method_cfg, profile or {}, per_setting):
+        for source in sources:
             if source.get(key) is not None:
                 values[field_name] = source[key]
                 break
-    if method_cfg.get("let_shifts"):
-        raise UserError(
-            "method.let_shifts=true is not supported for Llama-family models: a shift needs a bias on the "
-            "RMSNorm, which the Llama checkpoint format cannot hold (the reference also freezes Llama shifts at 0)"
-        )
     return CalibConfig(**values)
 
 
 def quantize(model, setting: QuantSetting, cfg: Mapping[str, Any], calib, ctx: MethodContext) -> QuantResult:
-    cc = calib_config(cfg, ctx.setting_overrides, setting, ctx.profile)
+    """Options besides the calibration knobs: ``profile``, ``setting_defaults`` (see :func:`calib_config`)
+    and ``saved_params`` (learned parameters to rebuild from, with ``epochs=0``)."""
+    cc = calib_config(cfg, setting)
     qparams, learned, records = calibrate(
-        model, setting, calib, cc, ctx.act_stats, ctx.state_dir, ctx.saved_params, ctx.device
+        model, setting, calib, cc, ctx.act_stats, ctx.state_dir, cfg.get("saved_params"), ctx.device
     )
     record = {
         "calib": asdict(cc),

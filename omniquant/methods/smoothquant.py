@@ -2,10 +2,10 @@
 
 Per decoder block, ``s = max|X|^α / max|W|^(1−α)`` per input channel (``max|X|`` over the
 calibration tokens of the full-precision model, ``max|W|`` over all consuming linears; ``max|W|``
-and ``s`` clamped at 1e-5 as in the reference) is folded exactly into [input_layernorm → q, k, v] and
-[post_attention_layernorm → gate, up]: the norm weight is divided by ``s``, the consumers'
-columns multiplied. Weights are then RTN-quantized on our grid and activations quantized per
-token (:mod:`omniquant.methods.rtn`).
+and ``s`` clamped at 1e-5 as in the reference) is folded exactly into each smoothing pair of the
+adapter whose source is a norm ([attention norm → q, k, v], [MLP norm → gate, up]): the norm is
+divided by ``s``, the consumers' columns multiplied. Weights are then RTN-quantized on our grid
+and activations quantized per token (:func:`omniquant.methods.rtn.rtn_step`).
 """
 from __future__ import annotations
 
@@ -16,14 +16,12 @@ import torch
 from torch import nn
 
 from omniquant import act_stats as act_stats_lib
+from omniquant.block import BlockConfig, QuantBlock
 from omniquant.errors import UserError
-from omniquant.methods import rtn
-from omniquant.methods.base import MethodContext, QuantResult
-from omniquant.methods.blockwise import INPUT_GROUPS, method_config
-from omniquant.models.architectures import architecture_of, decoder_layers
+from omniquant.methods.base import MethodContext, QuantResult, method_config
+from omniquant.methods.rtn import rtn_step
+from omniquant.runner import BlockJob, Runner, StepResult
 from omniquant.setting import QuantSetting
-
-SMOOTHED = (("input_layernorm", INPUT_GROUPS[0]), ("post_attention_layernorm", INPUT_GROUPS[2]))
 
 
 @dataclass(frozen=True)
@@ -39,17 +37,16 @@ class SmoothQuantConfig:
 def smooth_(layer: nn.Module, act_max: Mapping[str, torch.Tensor], alpha: float) -> None:
     """Fold the smoothing scales into ``layer`` (outputs unchanged in full precision).
 
-    ``act_max`` maps a linear's name within the block to max |x| per input channel.
+    ``act_max`` maps a module's path within the block to max |x| per input channel.
     """
-    for norm_name, consumers in SMOOTHED:
-        norm = layer.get_submodule(norm_name)
-        linears = [layer.get_submodule(name) for name in consumers]
-        w_max = torch.cat([lin.weight.abs().float() for lin in linears]).amax(0).clamp(min=1e-5)
-        x_max = act_max[consumers[0]].to(w_max.device).float()
-        s = (x_max.pow(alpha) / w_max.pow(1 - alpha)).clamp(min=1e-5)
-        norm.weight.copy_(norm.weight.float() / s)
-        for lin in linears:
-            lin.weight.copy_(lin.weight.float() * s)
+    block = QuantBlock(layer, BlockConfig(weight=None))
+    views = block.layout.views
+    for pair in block.layout.pairs:
+        if pair.prev in views:
+            continue
+        w_max = torch.cat([views[c].weight(layer).abs().float() for c in pair.consumers]).amax(0).clamp(min=1e-5)
+        x_max = act_max[views[pair.consumers[0]].module].to(w_max.device).float()
+        block.fold_(pair, (x_max.pow(alpha) / w_max.pow(1 - alpha)).clamp(min=1e-5))
 
 
 def quantize(model: nn.Module, setting: QuantSetting, cfg: Mapping[str, Any], calib: torch.Tensor,
@@ -60,7 +57,10 @@ def quantize(model: nn.Module, setting: QuantSetting, cfg: Mapping[str, Any], ca
                         "activations in full precision: use rtn, gptq or awq")
     alpha = method_config(SmoothQuantConfig, cfg).alpha
     stats = act_stats_lib.collect(model, calib) if ctx.act_stats is None else ctx.act_stats
-    prefix = architecture_of(model).layers
-    for i, layer in enumerate(decoder_layers(model)):
-        smooth_(layer, act_stats_lib.for_block(stats, f"{prefix}.{i}"), alpha)
-    return rtn.quantize(model, setting, cfg, calib, ctx)
+
+    def step(job: BlockJob) -> StepResult:
+        smooth_(job.layer, act_stats_lib.for_block(stats, job.prefix), alpha)
+        return rtn_step(job)
+
+    qparams, _, _ = Runner(model, setting, device=ctx.device).run(step, "smoothquant")
+    return QuantResult(qparams=qparams)

@@ -1,15 +1,4 @@
-"""Models: the architecture registry, the embedded default model, tiny test models, loading."""
-from omniquant.models.architectures import ARCHITECTURES, Architecture, architecture_of, decoder_layers
+"""Models: the embedded default model, tiny test models, loading (architectures: :mod:`omniquant.arch`)."""
 from omniquant.models.loading import checkpoint_dir, ensure_prepared, load_model, model_name, prepare_model
 
-__all__ = [
-    "ARCHITECTURES",
-    "Architecture",
-    "architecture_of",
-    "checkpoint_dir",
-    "decoder_layers",
-    "ensure_prepared",
-    "load_model",
-    "model_name",
-    "prepare_model",
-]
+__all__ = ["checkpoint_dir", "ensure_prepared", "load_model", "model_name", "prepare_model"]

@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenize
 
 from omniquant.errors import UserError
 from omniquant.models import smollm2, tiny
-from omniquant.models.architectures import architecture_of
+from omniquant.arch import adapter_of
 
 SOURCES = ("pypi-gguf", "tiny", "hf")
 
@@ -109,5 +109,5 @@ def load_model(
     _load_config(path, trust_remote_code)
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
-    architecture_of(model)  # fail early on unsupported families
+    adapter_of(model)  # fail early on unsupported families
     return model.to(device).eval(), tokenizer
