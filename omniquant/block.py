@@ -264,7 +264,7 @@ class QuantBlock(nn.Module):
         self.fused = True
         self.lwc = nn.ParameterDict()
         self.let = nn.ParameterDict()
-        return merge_qparams(self.layout, t.qparams)
+        return merge_qparams(self.layout, t.qparams) if t.qparams else {}
 
     @torch.no_grad()
     def fold_(self, pair: Pair, s: torch.Tensor) -> None:

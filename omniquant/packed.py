@@ -108,10 +108,12 @@ def load_packed_model(path: str | Path) -> nn.Module:
         setattr(model.get_submodule(parent), child, PackedLinear(weight, tensors.get(f"{name}.bias")))
     tensors |= {alias: tensors[stored] for alias, stored in header["aliases"].items()}
     model.load_state_dict(tensors, strict=True, assign=True)
-    for module in model.modules():  # non-persistent buffers (rotary inv_freq) are not in the file
+    for module in model.modules():  # non-persistent buffers (rotary inv_freq, embedding scales) are not in the file
         if any(b.is_meta for b in module.buffers(recurse=False)):
+            loaded = {k: t.clone() for k, t in module.state_dict().items() if "." not in k and not t.is_meta}
             module.to_empty(device="cpu", recurse=False)
-            model._init_weights(module)
+            model._init_weights(module)  # computes the buffers; may also re-initialise the loaded weights
+            module.load_state_dict(loaded, strict=False, assign=True)
     return model.eval()
 
 

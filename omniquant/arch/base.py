@@ -97,7 +97,7 @@ class Adapter:
     formats: tuple[str, ...] = ()  # export formats that can write this family
     packable: bool = True  # every quantized view is a whole or row-sliced nn.Linear weight
     check: Callable[[nn.Module], None] | None = None  # refuse checkpoints the adapter cannot map
-    notes: dict[str, str] = field(default_factory=dict)
+    tiny: dict[str, Any] = field(default_factory=dict)  # config of a tiny random model (tests, smoke runs)
 
     # ----------------------------------------------------------------- model level
     def decoder_layers(self, model: nn.Module) -> nn.ModuleList:

@@ -21,4 +21,7 @@ GEMMA3 = Adapter(
     qk_norm=("self_attn.q_norm", "self_attn.k_norm"),
     rotary_by_layer_type=True,
     formats=("compressed-tensors",),
+    tiny=dict(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+              head_dim=16, query_pre_attn_scalar=16, sliding_window=8, max_position_embeddings=512,
+              layer_types=["sliding_attention", "full_attention"]),
 )

@@ -25,12 +25,18 @@ def glu_layout(mlp_norm: str):
     return layout
 
 
-def _llama_like(family: str, **extra) -> Adapter:
+TINY = dict(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            max_position_embeddings=512, tie_word_embeddings=False)
+
+
+def _llama_like(family: str, tiny: dict, **extra) -> Adapter:
     return Adapter(family=family, model_types=(family,), layout=glu_layout("post_attention_layernorm"),
-                   attn_norm="input_layernorm", mlp_norm="post_attention_layernorm", **extra)
+                   attn_norm="input_layernorm", mlp_norm="post_attention_layernorm", tiny=TINY | tiny, **extra)
 
 
-LLAMA = _llama_like("llama", formats=("compressed-tensors", "awq", "gguf", "mlc"))
-MISTRAL = _llama_like("mistral", formats=("compressed-tensors", "awq"))
-QWEN2 = _llama_like("qwen2", formats=("compressed-tensors", "awq"))
-QWEN3 = _llama_like("qwen3", qk_norm=("self_attn.q_norm", "self_attn.k_norm"), formats=("compressed-tensors",))
+LLAMA = _llama_like("llama", {"num_key_value_heads": 4}, formats=("compressed-tensors", "awq", "gguf", "mlc"))
+MISTRAL = _llama_like("mistral", {"sliding_window": 8}, formats=("compressed-tensors", "awq"))
+QWEN2 = _llama_like("qwen2", {"use_sliding_window": True, "sliding_window": 8, "max_window_layers": 1},
+                    formats=("compressed-tensors", "awq"))
+QWEN3 = _llama_like("qwen3", {"head_dim": 16}, qk_norm=("self_attn.q_norm", "self_attn.k_norm"),
+                    formats=("compressed-tensors",))

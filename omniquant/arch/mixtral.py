@@ -10,9 +10,8 @@ from typing import Any
 
 from torch import nn
 
-from omniquant.arch.base import Adapter, Layout, Pair, View, attention_pairs
+from omniquant.arch.base import Adapter, Layout, Pair, View, attention_pairs, linears
 from omniquant.arch.llama import ATTN
-from omniquant.arch.base import linears
 
 
 def layout(layer: nn.Module, config: Any) -> Layout:
@@ -33,4 +32,7 @@ def layout(layer: nn.Module, config: Any) -> Layout:
 
 
 MIXTRAL = Adapter(family="mixtral", model_types=("mixtral",), layout=layout, attn_norm="input_layernorm",
-                  mlp_norm="post_attention_layernorm", mlp="moe", act_fn="mlp.experts.act_fn", packable=False)
+                  mlp_norm="post_attention_layernorm", mlp="moe", act_fn="mlp.experts.act_fn", packable=False,
+                  tiny=dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                            num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
+                            max_position_embeddings=512, tie_word_embeddings=False))

@@ -34,4 +34,6 @@ OPT = Adapter(family="opt", model_types=("opt",), layout=layout, attn_norm="self
               mlp_norm="final_layer_norm", norm="layernorm", rotary=None,
               learned_positions="model.decoder.embed_positions", positions_offset=2, q_scaled_after_proj=True,
               mlp="ffn", act_fn="activation_fn", layers="model.decoder.layers", let_shifts=True,
-              formats=("compressed-tensors",), check=check)
+              formats=("compressed-tensors",), check=check,
+              tiny=dict(hidden_size=64, ffn_dim=160, num_hidden_layers=2, num_attention_heads=4, word_embed_proj_dim=64,
+                        max_position_embeddings=512, pad_token_id=1))

@@ -23,4 +23,7 @@ def layout(layer: nn.Module, config: Any) -> Layout:
 
 
 PHI3 = Adapter(family="phi3", model_types=("phi3",), layout=layout, attn_norm="input_layernorm",
-               mlp_norm="post_attention_layernorm", act_fn="mlp.activation_fn", formats=("compressed-tensors",))
+               mlp_norm="post_attention_layernorm", act_fn="mlp.activation_fn", formats=("compressed-tensors",),
+               tiny=dict(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, max_position_embeddings=512, original_max_position_embeddings=512,
+                         pad_token_id=0, tie_word_embeddings=False))

