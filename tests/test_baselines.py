@@ -9,13 +9,13 @@ from torch import nn
 
 from conftest import CONF
 from omniquant.act_stats import collect, for_block
+from omniquant.arch import adapter_of, decoder_layers
 from omniquant.block import BlockConfig, QuantBlock, plain_layers
 from omniquant.errors import UserError
-from omniquant.methods import quantize_
-from omniquant.methods.awq import PAIRS, AWQConfig, clip_weight, fold_scale, search_scale
+from omniquant.methods import quantize
+from omniquant.methods.awq import AWQConfig, clip_weight, search_scale
 from omniquant.methods.gptq import GPTQConfig, gptq
 from omniquant.methods.smoothquant import SmoothQuantConfig, smooth_
-from omniquant.models.architectures import LLAMA, block_linears, decoder_layers
 from omniquant.models.tiny import tiny_llama
 from omniquant.quantizer import QuantSpec, dequantize_weight, fake_quantize, quantize_weight
 from omniquant.setting import QuantSetting
@@ -92,7 +92,7 @@ def test_awq_scale_search_beats_plain_rtn():
     with torch.no_grad():
         linear.weight.copy_(torch.randn(48, 64, generator=torch.Generator().manual_seed(1)))
     w = linear.weight.detach().clone()
-    s, alpha = search_scale(linear, [linear], x, spec, 20, x.abs().mean((0, 1)), nn.Identity())
+    s, alpha = search_scale(linear, [linear.weight], [True], x, spec, 20, x.abs().mean((0, 1)), nn.Identity())
     assert torch.equal(linear.weight, w)  # the search leaves the weights as they were
     assert 0 < alpha < 1
 
@@ -127,14 +127,15 @@ def test_awq_scale_folding_is_exact(tiny):
     layer = model.model.layers[0]
     x, pe = _layer_inputs(model)
     qblock = QuantBlock(layer, BlockConfig(weight=None))
+    views, pairs = qblock.layout.views, qblock.layout.pairs
+    assert [p.name for p in pairs] == ["qkv", "out", "fc1", "down"]  # every pair AWQ folds in a Llama block
     g = torch.Generator().manual_seed(2)
     with torch.no_grad():
         ref = layer(x, position_embeddings=pe)
-        for pair in PAIRS:
-            prev = layer.get_submodule(pair.prev)
-            s = torch.rand(prev.weight.shape[0], generator=g) * 1.5 + 0.25
-            fold_scale(prev, [layer.get_submodule(n) for n in pair.consumers], s,
-                       qblock._per_query_head(s) if pair.kv_heads else s)
+        for pair in pairs:
+            prev = views[pair.prev].weight(layer) if pair.prev in views else layer.get_submodule(pair.prev).weight
+            s = torch.rand(prev.shape[0], generator=g) * 1.5 + 0.25
+            qblock.fold_(pair, s)
         assert _rel(layer(x, position_embeddings=pe), ref) <= 1e-5
 
 
@@ -166,17 +167,20 @@ def test_end_to_end_weights_are_on_grid(tiny, method, setting):
     model, _ = tiny
     windows = torch.randint(0, model.config.vocab_size, (4, 32), generator=torch.Generator().manual_seed(0))
     with pytest.raises(UserError, match="calibration"):
-        quantize_(model, setting, {"name": method})
+        quantize(model, setting, method)
     with torch.no_grad():
         ref = model(windows).logits
-    result = quantize_(model, setting, {"name": method}, windows)
+    _, result = quantize(model, setting, method, windows)
     assert all(isinstance(layer, QuantBlock) == (setting.act_spec is not None) for layer in decoder_layers(model))
     error = _logit_error(model, windows, ref)
+    adapter = adapter_of(model)
     with plain_layers(model):
         for i, layer in enumerate(decoder_layers(model)):
-            for name, linear in block_linears(layer, LLAMA).items():
-                d = result.qparams[f"model.layers.{i}.{name}"]
-                _assert_on_grid(linear.weight.detach(), d["scales"], d["zeros"], setting.weight_spec)
+            views = adapter.layout(layer, model.config).quantized
+            assert len(views) == 7  # q, k, v, o, gate, up, down
+            for view in views.values():
+                d = result.qparams[f"model.layers.{i}.{view.packed_key}"]
+                _assert_on_grid(view.weight(layer).detach(), d["scales"], d["zeros"], setting.weight_spec)
     assert 0 < error < math.inf
 
 
@@ -188,7 +192,7 @@ def test_gptq_and_awq_beat_rtn_on_the_calibration_windows(tiny):
     errors = {}
     for method in ("rtn", "gptq", "awq"):
         model, _ = tiny_llama(num_key_value_heads=kv)
-        quantize_(model, W3G48, {"name": method}, windows)
+        quantize(model, W3G48, method, windows)
         errors[method] = _logit_error(model, windows, ref)
     assert errors["gptq"] < errors["rtn"] and errors["awq"] < errors["rtn"]
 
@@ -204,4 +208,4 @@ def test_method_configs_hold_exactly_the_knobs(name, cls):
 def test_smoothquant_rejects_weight_only_settings(tiny):
     model, _ = tiny
     with pytest.raises(UserError, match="weight-activation"):
-        quantize_(model, W3G48, {"name": "smoothquant"}, torch.zeros(1, 8, dtype=torch.long))
+        quantize(model, W3G48, "smoothquant", torch.zeros(1, 8, dtype=torch.long))

@@ -48,7 +48,8 @@ def test_let_fusion_is_exact_and_matches_temporary_transform(tiny):
     x, pe = _inputs(model)
     with torch.no_grad():
         ref = layer(x, attention_mask=None, position_embeddings=pe)
-        stats = {name: torch.rand(lin.in_features) + 0.5 for name, lin in QuantBlock(layer, BlockConfig(None)).linears.items()}
+        stats = {v.module: torch.rand(v.weight(layer).shape[1]) + 0.5
+                 for v in QuantBlock(layer, BlockConfig(None)).layout.views.values()}
         block = QuantBlock(layer, BlockConfig(weight=None, let=True), stats)
         _random_let(block)
         temporary = block(x, position_embeddings=pe)
@@ -150,10 +151,10 @@ def test_interrupt_and_resume_is_bit_identical(tmp_path, monkeypatch, setting):
     model2, _, _ = _calib_setup(layers=3)
     real_train = calib_lib._train_block
 
-    def killed_at_block_1(qblock, i, *args, **kwargs):
-        if i == 1:
+    def killed_at_block_1(qblock, job, *args, **kwargs):
+        if job.index == 1:
             raise KeyboardInterrupt
-        return real_train(qblock, i, *args, **kwargs)
+        return real_train(qblock, job, *args, **kwargs)
 
     monkeypatch.setattr(calib_lib, "_train_block", killed_at_block_1)
     with pytest.raises(KeyboardInterrupt):
@@ -205,14 +206,17 @@ def test_injected_nan_retry_restores_and_halves_lr(monkeypatch):
 def test_act_stats_running_max_and_ema_shift():
     model, windows, stats = _calib_setup()
     block0 = for_block(stats, "model.layers.0")
-    assert set(block0) == set(QuantBlock(model.model.layers[0], BlockConfig(None)).linears)
+    layer = model.model.layers[0]
+    assert set(block0) == {v.module for v in QuantBlock(layer, BlockConfig(None)).layout.views.values()}
+    assert len(block0) == 7  # q, k, v, o, gate, up, down: one entry per module path within the block
     assert all((v >= 0).all() for v in block0.values())
     assert stats["model.layers.1.mlp.down_proj.act_shifts"].shape == (model.config.intermediate_size,)
 
 
 def test_hyperparameter_precedence():
     setting_values = {"epochs": 40, "aug_loss": True, "let_lr": 1e-3}
-    cc = calib_config({"epochs": None, "let_lr": None}, setting_values, W4A4, {"epochs": 6, "batch_size": 4})
+    cc = calib_config({"epochs": None, "let_lr": None, "setting_defaults": setting_values,
+                       "profile": {"epochs": 6, "batch_size": 4}}, W4A4)
     assert (cc.epochs, cc.batch_size, cc.aug_loss, cc.let_lr, cc.let) == (6, 4, True, 1e-3, True)
-    cc = calib_config({"epochs": 3}, setting_values, W3G32, {"epochs": 6})
+    cc = calib_config({"epochs": 3, "setting_defaults": setting_values, "profile": {"epochs": 6}}, W3G32)
     assert cc.epochs == 3 and cc.let is False

@@ -9,7 +9,8 @@ from safetensors.torch import save_file
 from torch import nn
 from transformers import LlamaForCausalLM
 
-from omniquant.models.architectures import architecture_of, block_linears, decoder_layers
+from omniquant.arch import adapter_of
+from omniquant.block import merge_qparams
 from omniquant.models.tiny import tiny_llama
 from omniquant.packed import PackedLinear, bits_per_weight, byte_counts, load_packed_model
 from omniquant.packing import (
@@ -25,15 +26,19 @@ from omniquant.quantizer import QuantSpec, dequantize_weight, fake_quantize, qua
 
 
 def fake_quantize_model(model: nn.Module, spec: QuantSpec) -> dict[str, dict[str, torch.Tensor]]:
-    """Fake-quantize every block linear in place (RTN); returns the qparams the pipeline would save."""
-    arch = architecture_of(model)
+    """Fake-quantize every quantized block weight in place (RTN); returns the qparams the pipeline would save."""
+    adapter = adapter_of(model)
     qparams = {}
     with torch.no_grad():
-        for i, layer in enumerate(decoder_layers(model)):
-            for name, lin in block_linears(layer, arch).items():
-                codes, scales, zeros = quantize_weight(lin.weight, spec)
-                lin.weight.copy_(dequantize_weight(codes, scales, zeros, spec.group_size))
-                qparams[f"{arch.layers}.{i}.{name}"] = {"scales": scales, "zeros": zeros}
+        for i, layer in enumerate(adapter.decoder_layers(model)):
+            layout = adapter.layout(layer, model.config)
+            per_role = {}
+            for role, view in layout.quantized.items():
+                w = view.weight(layer)
+                codes, scales, zeros = quantize_weight(w, spec)
+                w.copy_(dequantize_weight(codes, scales, zeros, spec.group_size))
+                per_role[role] = (scales, zeros)
+            qparams |= {f"{adapter.layers}.{i}.{key}": d for key, d in merge_qparams(layout, per_role).items()}
     return qparams
 
 
@@ -108,8 +113,10 @@ def test_packed_model_matches_fake_quantized_model(tmp_path, tiny, spec):
     model, _ = tiny
     qparams = fake_quantize_model(model, spec)
     packed = load_packed_model(save_packed(tmp_path / "packed.safetensors", model, qparams, spec))
-    arch = architecture_of(packed)
-    layers = [lin for layer in decoder_layers(packed) for lin in block_linears(layer, arch).values()]
+    adapter = adapter_of(packed)
+    layers = [layer.get_submodule(module) for layer in adapter.decoder_layers(packed)
+              for module in dict.fromkeys(v.module for v in adapter.layout(layer, packed.config).quantized.values())]
+    assert len(layers) == 7 * packed.config.num_hidden_layers and len(qparams) == len(layers)
     assert all(isinstance(lin, PackedLinear) and not hasattr(lin, "weight") for lin in layers)
     ids = token_ids(model.config.vocab_size)
     with torch.no_grad():
