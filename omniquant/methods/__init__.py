@@ -29,6 +29,7 @@ METHODS: dict[str, Method] = {"fp": fp.quantize, "rtn": rtn.quantize, "omniquant
                               "gptq": gptq.quantize, "awq": awq.quantize, "smoothquant": smoothquant.quantize}
 NEEDS_CALIBRATION = {"omniquant", "gptq", "awq", "smoothquant"}
 NEEDS_ACT_STATS = {"omniquant", "smoothquant"}  # per-channel activation maxima (LET init, smoothing)
+WEIGHT_METHODS = {"gptq", "awq"}  # methods that only act on weights
 
 
 def validate(name: str, setting: QuantSetting) -> None:
@@ -39,6 +40,11 @@ def validate(name: str, setting: QuantSetting) -> None:
         raise UserError(f"method=fp evaluates the unquantized model; use quant=fp16, not quant={setting.name}")
     if name != "fp" and not setting.quantizes:
         raise UserError(f"quant={setting.name} quantizes nothing; use method=fp for the full-precision row")
+    if name in WEIGHT_METHODS and setting.weight_spec is None:
+        raise UserError(f"method={name} quantizes weights; quant={setting.name} keeps them in full precision")
+    if name == "smoothquant" and setting.act_spec is None:
+        raise UserError(f"method=smoothquant is for weight-activation settings; quant={setting.name} keeps "
+                        "activations in full precision: use rtn, gptq or awq")
 
 
 def quantize(

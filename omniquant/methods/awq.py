@@ -22,7 +22,7 @@ from torch import nn
 
 from omniquant.block import BlockConfig, QuantBlock
 from omniquant.errors import UserError
-from omniquant.methods.base import MethodContext, QuantResult, method_config, require_weights
+from omniquant.methods.base import MethodContext, QuantResult, method_config
 from omniquant.quantizer import QuantSpec, fake_quantize, from_groups, to_groups
 from omniquant.runner import BlockJob, Runner, StepResult
 from omniquant.setting import QuantSetting
@@ -157,7 +157,6 @@ def awq_step(job: BlockJob, cfg: AWQConfig, alphas: dict[str, float]) -> StepRes
 def quantize(model: nn.Module, setting: QuantSetting, cfg: Mapping[str, Any], calib: torch.Tensor,
              ctx: MethodContext) -> QuantResult:
     """AWQ weights for every decoder-block linear; per-token activations if the setting has them."""
-    require_weights("awq", setting)
     alphas: dict[str, float] = {}
     step = partial(awq_step, cfg=method_config(AWQConfig, cfg), alphas=alphas)
     qparams, _, _ = Runner(model, setting, calib, ctx.device, chains=("fp",)).run(step, "awq")

@@ -7,8 +7,6 @@ from typing import Any, Mapping, TypeVar
 
 import torch
 
-from omniquant.errors import UserError
-from omniquant.setting import QuantSetting
 
 T = TypeVar("T")
 
@@ -33,7 +31,3 @@ def method_config(cls: type[T], cfg: Mapping[str, Any]) -> T:
     """A method's knobs (a frozen dataclass) from its config; null or absent keys keep the defaults."""
     return cls(**{f.name: cfg[f.name] for f in fields(cls) if cfg.get(f.name) is not None})
 
-
-def require_weights(method: str, setting: QuantSetting) -> None:
-    if setting.weight_spec is None:
-        raise UserError(f"method={method} quantizes weights; quant={setting.name} keeps them in full precision")

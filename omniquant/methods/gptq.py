@@ -22,7 +22,7 @@ from torch import nn
 
 from omniquant.block import BlockConfig, QuantBlock, merge_qparams
 from omniquant.errors import UserError
-from omniquant.methods.base import MethodContext, QuantResult, method_config, require_weights
+from omniquant.methods.base import MethodContext, QuantResult, method_config
 from omniquant.quantizer import QuantSpec, qparams
 from omniquant.runner import BlockJob, Runner, StepResult
 from omniquant.setting import QuantSetting
@@ -140,7 +140,6 @@ def gptq_step(job: BlockJob, cfg: GPTQConfig) -> StepResult:
 def quantize(model: nn.Module, setting: QuantSetting, cfg: Mapping[str, Any], calib: torch.Tensor,
              ctx: MethodContext) -> QuantResult:
     """GPTQ weights for every decoder-block linear; per-token activations if the setting has them."""
-    require_weights("gptq", setting)
     step = partial(gptq_step, cfg=method_config(GPTQConfig, cfg))
     qparams, _, _ = Runner(model, setting, calib, ctx.device, chains=("q",)).run(step, "gptq")
     return QuantResult(qparams=qparams)

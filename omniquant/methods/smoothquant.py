@@ -52,9 +52,6 @@ def smooth_(layer: nn.Module, act_max: Mapping[str, torch.Tensor], alpha: float)
 def quantize(model: nn.Module, setting: QuantSetting, cfg: Mapping[str, Any], calib: torch.Tensor,
              ctx: MethodContext) -> QuantResult:
     """Smooth every decoder block, then RTN weights and per-token activations."""
-    if setting.act_spec is None:
-        raise UserError(f"method=smoothquant is for weight-activation settings; quant={setting.name} keeps "
-                        "activations in full precision: use rtn, gptq or awq")
     alpha = method_config(SmoothQuantConfig, cfg).alpha
     stats = act_stats_lib.collect(model, calib) if ctx.act_stats is None else ctx.act_stats
 
