@@ -277,7 +277,7 @@ def random_packed_model(config: PretrainedConfig, setting: QuantSetting, path: s
     """
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
-    result = methods.quantize_(model, setting, {"name": "rtn"})
+    _, result = methods.quantize(model, setting, "rtn")
     return {
         "path": save_packed(path, model, result.qparams, setting.weight_spec),
         "parameters": sum(p.numel() for p in model.parameters()),

@@ -19,7 +19,8 @@ from omniquant import data as datalib
 from omniquant import export as export_lib
 from omniquant.errors import UserError, exit_on_user_error
 from omniquant.export.common import QPARAMS_FILE
-from omniquant.methods import quantize_
+from omniquant.layout import record_file
+from omniquant.methods import quantize
 from omniquant.models import checkpoint_dir, load_model, prepare_model
 from omniquant.models.smollm2 import PINNED_WHEEL
 from omniquant.packing import read_qparams, save_packed
@@ -61,7 +62,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def _stage_setting(quantized_dir: str, symmetric: bool) -> QuantSetting:
     """The setting recorded by the quantize stage in ``quant_record.json``."""
-    record = Path(quantized_dir) / "quant_record.json"
+    record = record_file(quantized_dir)
     if not record.is_file():
         raise UserError(f"{record} not found: pass a quantize-stage output directory")
     name = json.loads(record.read_text())["setting"]
@@ -92,7 +93,7 @@ def main(argv: list[str] | None = None) -> None:
         device = _device()
         model, tok = load_model(_existing_model(args.model), _dtype(device), device)
         start = time.perf_counter()
-        quantize_(model, setting, {"name": args.method})
+        quantize(model, setting, args.method)
         seconds = time.perf_counter() - start
         model.save_pretrained(args.out_dir)
         tok.save_pretrained(args.out_dir)

@@ -1,4 +1,4 @@
-"""Per-cell metrics JSON files and resource measurements."""
+"""JSON files (written atomically) and resource measurements; where metrics files live: :mod:`omniquant.layout`."""
 from __future__ import annotations
 
 import json
@@ -30,8 +30,3 @@ def read_json(path: str | Path) -> dict[str, Any]:
     with open(path) as fh:
         return json.load(fh)
 
-
-def metrics_path(root: str | Path, model: str, setting: str, method: str, kind: str = "ppl") -> Path:
-    """``metrics/<model>/<setting>/<method>.json`` (perplexity) or ``<method>.<kind>.json`` under ``root``."""
-    suffix = "" if kind == "ppl" else f".{kind}"
-    return Path(root) / "metrics" / model / setting / f"{method}{suffix}.json"

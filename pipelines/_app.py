@@ -1,4 +1,4 @@
-"""Shared Hydra wrapper: every stage script is ``run_stage(<omniquant.pipeline function>)``."""
+"""Shared Hydra wrapper: every stage script is ``run_stage(<omniquant.stages.<stage> function>)``."""
 import os
 import signal
 import sys

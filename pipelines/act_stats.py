@@ -1,5 +1,5 @@
-"""Stage `act_stats`: `python -m pipelines.act_stats [hydra overrides]` (see omniquant.pipeline.act_stats)."""
-from omniquant.pipeline import act_stats
+"""Stage `act_stats`: `python -m pipelines.act_stats [hydra overrides]` (see omniquant.stages.act_stats)."""
+from omniquant.stages.act_stats import act_stats
 from pipelines._app import run_stage
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
-"""Stage `calib_data`: `python -m pipelines.calib_data [hydra overrides]` (see omniquant.pipeline.calib_data)."""
-from omniquant.pipeline import calib_data
+"""Stage `calib_data`: `python -m pipelines.calib_data [hydra overrides]` (see omniquant.stages.calib_data)."""
+from omniquant.stages.calib_data import calib_data
 from pipelines._app import run_stage
 
 if __name__ == "__main__":

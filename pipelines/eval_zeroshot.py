@@ -1,5 +1,5 @@
-"""Stage `eval_zeroshot`: `python -m pipelines.eval_zeroshot [hydra overrides]` (see omniquant.pipeline.eval_zeroshot)."""
-from omniquant.pipeline import eval_zeroshot
+"""Stage `eval_zeroshot`: `python -m pipelines.eval_zeroshot [hydra overrides]` (see omniquant.stages.eval_zeroshot)."""
+from omniquant.stages.eval_zeroshot import eval_zeroshot
 from pipelines._app import run_stage
 
 if __name__ == "__main__":

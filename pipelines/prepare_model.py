@@ -1,5 +1,5 @@
-"""Stage `prepare_model`: `python -m pipelines.prepare_model [hydra overrides]` (see omniquant.pipeline.prepare_model)."""
-from omniquant.pipeline import prepare_model
+"""Stage `prepare_model`: `python -m pipelines.prepare_model [hydra overrides]` (see omniquant.stages.prepare_model)."""
+from omniquant.stages.prepare_model import prepare_model
 from pipelines._app import run_stage
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
-"""Stage `tables`: `python -m pipelines.tables [hydra overrides]` (see omniquant.pipeline.tables)."""
-from omniquant.pipeline import tables
+"""Stage `tables`: `python -m pipelines.tables [hydra overrides]` (see omniquant.stages.tables)."""
+from omniquant.stages.tables import tables
 from pipelines._app import run_stage
 
 if __name__ == "__main__":

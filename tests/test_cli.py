@@ -4,21 +4,24 @@ import json
 import pytest
 import torch
 
-from omniquant import cli, pipeline
+from omniquant import cli
+from omniquant.models import load_model
 from omniquant.packed import load_packed_model
+from omniquant.stages.prepare_model import prepare_model
+from omniquant.stages.quantize import quantize
 
 
 @pytest.fixture
 def quantized(make_cfg, data_root):
     cfg = make_cfg("model=tiny-llama", "profile=smoke", "quant=w4a16g32", "method=rtn", f"data.root={data_root}")
-    pipeline.prepare_model(cfg)
-    return pipeline.quantize(cfg)
+    prepare_model(cfg)
+    return quantize(cfg)
 
 
 def test_pack_and_export_commands(quantized, tmp_path, capsys):
     cli.main(["pack", str(quantized), str(tmp_path / "model.packed.safetensors")])
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["packed_bytes"] > 0
-    fake, _ = pipeline.models.load_model(str(quantized), torch.float32, torch.device("cpu"))
+    fake, _ = load_model(str(quantized), torch.float32, torch.device("cpu"))
     packed = load_packed_model(tmp_path / "model.packed.safetensors")
     ids = torch.arange(12).reshape(1, -1)
     with torch.no_grad():
@@ -37,3 +40,4 @@ def test_export_of_a_setting_the_format_cannot_hold_is_one_clear_line(quantized,
     errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line.lower()]
     assert len(errors) == 1 and errors[0].startswith("omniquant: error: awq export cannot represent setting w4a16g32")
     assert "Traceback" not in errors[0] and not (tmp_path / "awq").exists()
+

@@ -52,13 +52,13 @@ def _chromium(url: str, *args: str) -> subprocess.CompletedProcess:
 @pytest.fixture
 def server(tmp_path, make_cfg, data_root, monkeypatch):
     """Three tiny cells logged by the pipeline, served by ``mlflow server`` on a free loopback port."""
-    from omniquant import pipeline
+    from omniquant.stages.run_cell import run_cell
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     for quant, method in CELLS:
-        pipeline.run_cell(make_cfg("model=tiny-llama", "profile=smoke", f"quant={quant}", f"method={method}",
-                                   f"data.root={data_root}", "mlflow.enabled=true"))
+        run_cell(make_cfg("model=tiny-llama", "profile=smoke", f"quant={quant}", f"method={method}",
+                          f"data.root={data_root}", "mlflow.enabled=true"))
     port = _free_port()
     env = os.environ | {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}  # no huey workers on 2 cores
     proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),

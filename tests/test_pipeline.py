@@ -9,11 +9,19 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from omniquant import pipeline
 from omniquant.metrics import read_json
 from omniquant.models import load_model
-from omniquant.models.architectures import LLAMA, block_linears, decoder_layers
+from omniquant.arch import adapter_of
 from omniquant.quantizer import dequantize_weight
+from omniquant.stages.act_stats import act_stats
+from omniquant.stages.bench_speed import bench_speed
+from omniquant.stages.calib_data import calib_data
+from omniquant.stages.eval_ppl import eval_ppl
+from omniquant.stages.mlc_compile import mlc_compile
+from omniquant.stages.pack import pack
+from omniquant.stages.prepare_model import prepare_model
+from omniquant.stages.quantize import quantize
+from omniquant.stages.run_cell import run_cell
 from pipelines._app import interrupt_on_signals, unknown_group_option
 
 from conftest import CONF, REPO
@@ -23,24 +31,25 @@ SMOKE = ("model=tiny-llama", "profile=smoke")
 
 def test_stage_chain_writes_on_grid_checkpoint_and_metrics(make_cfg, data_root, tmp_path):
     cfg = make_cfg(*SMOKE, "quant=w3a16g128", "method=rtn", f"data.root={data_root}")
-    pipeline.prepare_model(cfg)
-    calib = pipeline.calib_data(cfg)
+    prepare_model(cfg)
+    calib = calib_data(cfg)
     assert load_file(str(calib))["input_ids"].shape == (4, 64)
-    qdir = pipeline.quantize(cfg)
+    qdir = quantize(cfg)
     assert not qdir.with_name(qdir.name + ".partial").exists()
     model, _ = load_model(str(qdir), torch.float32, torch.device("cpu"))
     qparams = load_file(str(qdir / "qparams.safetensors"))
     assert qparams["model.layers.0.self_attn.q_proj.scales"].shape == (64, 1)  # 64 cols, one padded g128
-    for i, block in enumerate(decoder_layers(model)):
-        for name, linear in block_linears(block, LLAMA).items():
-            scales = qparams[f"model.layers.{i}.{name}.scales"]
-            zeros = qparams[f"model.layers.{i}.{name}.zeros"]
-            w = linear.weight.detach()
+    adapter = adapter_of(model)
+    for i, block in enumerate(adapter.decoder_layers(model)):
+        for view in adapter.layout(block, model.config).quantized.values():
+            scales = qparams[f"model.layers.{i}.{view.packed_key}.scales"]
+            zeros = qparams[f"model.layers.{i}.{view.packed_key}.zeros"]
+            w = view.weight(block).detach()
             idx = torch.arange(w.shape[1]) // 128
             codes = torch.round(w / scales[:, idx]) + zeros[:, idx]
             assert codes.min() >= 0 and codes.max() <= 7  # 3-bit codes
             assert torch.equal(dequantize_weight(codes, scales, zeros, 128), w)  # exactly on the grid
-    metrics = pipeline.eval_ppl(cfg)
+    metrics = eval_ppl(cfg)
     saved = read_json(tmp_path / "metrics/tiny-llama/w3a16g128/rtn.json")
     assert saved == metrics
     for key in ("model", "setting", "method", "wikitext2_ppl", "wikitext2_windows", "ptb_ppl",
@@ -53,7 +62,7 @@ def test_stage_chain_writes_on_grid_checkpoint_and_metrics(make_cfg, data_root, 
 def test_run_cell_logs_to_mlflow(make_cfg, data_root, tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     cfg = make_cfg(*SMOKE, "quant=fp16", "method=fp", f"data.root={data_root}", "mlflow.enabled=true")
-    metrics = pipeline.run_cell(cfg)
+    metrics = run_cell(cfg)
     import mlflow
 
     runs = mlflow.search_runs(experiment_names=["omniquant"])
@@ -148,13 +157,13 @@ def test_missing_data_one_line_error(tmp_path):
 def test_saved_weight_activation_checkpoint_evaluates_like_in_memory(make_cfg, data_root):
     """quantize → save → load → re-attach activation quant gives the in-memory model's perplexity."""
     cfg = make_cfg(*SMOKE, "quant=w4a4", "method=omniquant", f"data.root={data_root}")
-    pipeline.prepare_model(cfg)
-    pipeline.calib_data(cfg)
-    pipeline.act_stats(cfg)
-    qdir = pipeline.quantize(cfg)
+    prepare_model(cfg)
+    calib_data(cfg)
+    act_stats(cfg)
+    qdir = quantize(cfg)
     assert (qdir / "omni_parameters.safetensors").is_file()
-    staged = pipeline.eval_ppl(cfg)
-    in_memory = pipeline.run_cell(cfg)
+    staged = eval_ppl(cfg)
+    in_memory = run_cell(cfg)
     assert staged["wikitext2_ppl"] == pytest.approx(in_memory["wikitext2_ppl"], rel=1e-6)
     assert staged["calib_epochs"] == 1 and staged["calib_nsamples"] == 4
 
@@ -192,10 +201,10 @@ def test_joblib_multirun_sweep_nests_cell_runs_and_leaves_dvc_outputs_alone(tmp_
 def test_pack_stage_packed_model_matches_fake_quant(make_cfg, data_root, tmp_path, quant):
     """pack: a file holding no full-precision linear weights, whose model scores the fake-quant perplexity."""
     cfg = make_cfg(*SMOKE, f"quant={quant}", "method=rtn", f"data.root={data_root}")
-    pipeline.prepare_model(cfg)
-    pipeline.quantize(cfg)
-    fake = pipeline.eval_ppl(cfg)
-    packed = pipeline.pack(cfg)
+    prepare_model(cfg)
+    quantize(cfg)
+    fake = eval_ppl(cfg)
+    packed = pack(cfg)
     assert packed["packed_wikitext2_ppl"] == pytest.approx(fake["wikitext2_ppl"], rel=1e-4)
     assert packed["packed_bytes"] < packed["fp_bytes"] and 3 < packed["bits_per_weight"] < int(quant[1]) + 1
     saved = read_json(tmp_path / f"metrics/tiny-llama/{quant}/rtn.packed.json")
@@ -208,23 +217,24 @@ def test_pack_refuses_weight_activation_settings(make_cfg, data_root):
     from omniquant.errors import UserError
 
     with pytest.raises(UserError, match="not a weight-only setting"):
-        pipeline.pack(make_cfg(*SMOKE, "quant=w4a4", "method=rtn", f"data.root={data_root}"))
+        pack(make_cfg(*SMOKE, "quant=w4a4", "method=rtn", f"data.root={data_root}"))
 
 
 def test_mlc_compile_and_bench_speed_stages(make_cfg, data_root, tmp_path):
     """pack → mlc_compile (MLC artifacts, TVM llvm build checked against PyTorch) → bench_speed."""
     pytest.importorskip("tvm", reason="apache-tvm is not installed (pip install -e '.[mlc]')")
     cfg = make_cfg(*SMOKE, "quant=w4a16g128", "method=rtn", f"data.root={data_root}", "bench=smoke")
-    pipeline.prepare_model(cfg)
-    pipeline.quantize(cfg)
-    pipeline.pack(cfg)
-    built = pipeline.mlc_compile(cfg)
+    prepare_model(cfg)
+    quantize(cfg)
+    pack(cfg)
+    built = mlc_compile(cfg)
     assert built["llvm_status"] == "ok" and built["llvm_prefill_max_abs_err"] < 1e-4
     assert built["cuda_status"].startswith("skipped: ") or torch.cuda.is_available()
     assert (tmp_path / "artifacts/mlc/tiny-llama/w4a16g128/rtn/mlc-llm/mlc-chat-config.json").is_file()
-    speed = pipeline.bench_speed(cfg)
+    speed = bench_speed(cfg)
     saved = read_json(tmp_path / "metrics/tiny-llama/w4a16g128/rtn.speed.json")
     assert saved["device"] == speed["device"] and set(saved["variants"]) == {"fp", "packed", "torch_int4", "tvm"}
     for variant in saved["variants"].values():
         assert variant["prefill_tok_s"] > 0 and set(variant["decode_tok_s"]) == {"b1_n4", "b2_n4"}
         assert 0 < variant["roofline_frac"]["b1_n4"]
+

@@ -89,11 +89,11 @@ def test_write_tables_writes_markdown_csv_and_plot(metrics, tmp_path):
 def test_tables_stage_logs_to_mlflow(metrics, make_cfg, tmp_path, monkeypatch):
     import mlflow
 
-    from omniquant import pipeline
+    from omniquant.stages.tables import tables
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    written = pipeline.tables(make_cfg(f"paths.out={metrics.parent}", "mlflow.enabled=true"))
+    written = tables(make_cfg(f"paths.out={metrics.parent}", "mlflow.enabled=true"))
     assert (metrics.parent / "results" / "table1.md") in written
     mlflow.set_tracking_uri(uri)
     run = mlflow.search_runs(experiment_names=["omniquant"], output_format="list")[0]
@@ -103,11 +103,11 @@ def test_tables_stage_logs_to_mlflow(metrics, make_cfg, tmp_path, monkeypatch):
 
 
 def test_tables_stage_without_metrics_is_a_clear_error(make_cfg, tmp_path):
-    from omniquant import pipeline
+    from omniquant.stages.tables import tables
     from omniquant.errors import UserError
 
     with pytest.raises(UserError, match="run the evaluation stages first"):
-        pipeline.tables(make_cfg(f"paths.out={tmp_path / 'empty'}"))
+        tables(make_cfg(f"paths.out={tmp_path / 'empty'}"))
 
 
 def test_table3_rows_per_variant_with_skips_and_the_tvm_check():

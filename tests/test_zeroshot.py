@@ -107,11 +107,11 @@ def test_missing_task_file_is_skipped_and_recorded(tmp_path, data_root, capsys):
 
 
 def test_eval_zeroshot_stage_writes_metrics(make_cfg, data_root, tmp_path):
-    from omniquant import pipeline
+    from omniquant.stages.eval_zeroshot import eval_zeroshot
 
     cfg = make_cfg("model=tiny-llama", "quant=fp16", "method=fp", "eval.zeroshot.limit=2", f"data.root={data_root}",
                    "eval.zeroshot.tasks=[winogrande,arc_easy]", f"paths.cache={tmp_path / 'cache'}")
-    metrics = pipeline.eval_zeroshot(cfg)
+    metrics = eval_zeroshot(cfg)
     saved = json.loads((tmp_path / "metrics/tiny-llama/fp16/fp.zeroshot.json").read_text())
     assert saved == json.loads(json.dumps(metrics))
     assert (saved["model"], saved["setting"], saved["method"]) == ("tiny-llama", "fp16", "fp")

@@ -1,0 +1,49 @@
+"""Stage ``pack``: real low-bit packing of a weight-only cell, evaluated by the perplexity code."""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig
+
+from omniquant import packing
+from omniquant.errors import UserError
+from omniquant.export.common import QPARAMS_FILE
+from omniquant.packed import bits_per_weight, load_packed_model
+from omniquant.stages.common import base_checkpoint, cell_of, check_eval_data, device_of, finish, load_evaluated
+from omniquant.stages.eval_ppl import evaluate_perplexity
+
+
+def pack(cfg: DictConfig) -> dict[str, Any]:
+    """Pack the quantize stage's weights into the low-bit layout (:mod:`omniquant.packing`), rebuild the
+    model from the packed file alone and evaluate it with the perplexity code; writes
+    ``metrics/<model>/<setting>/<method>.packed.json`` (``packed_<dataset>_ppl``, sizes, bits per weight)."""
+    cell = cell_of(cfg)
+    spec = cell.setting.weight_spec
+    if spec is None or cell.setting.act_spec is not None:
+        raise UserError(f"pack: {cell.setting.name} is not a weight-only setting; pack wNa16 cells (activations "
+                        "of weight-activation settings are quantized at run time)")
+    check_eval_data(cfg)
+    model, tokenizer, record = load_evaluated(cfg, cell)
+    qparams = packing.read_qparams(cell.quantized_dir / QPARAMS_FILE)
+    staging = cell.packed_file.parent.with_name(cell.method + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        packing.save_packed(staging / cell.packed_file.name, model.cpu(), qparams, spec)
+    except ValueError as err:
+        raise UserError(f"pack {cell.run_name}: {err}") from None
+    tokenizer.save_pretrained(staging)
+    del model
+    shutil.rmtree(cell.packed_file.parent, ignore_errors=True)
+    staging.rename(cell.packed_file.parent)
+    packed = load_packed_model(cell.packed_file).to(device_of(cfg))
+    ppl = evaluate_perplexity(cfg, packed, tokenizer, f"{cell.model} packed")
+    base = Path(base_checkpoint(cfg))
+    results = {f"packed_{k}" if k.endswith("_ppl") else k: v for k, v in ppl.items()} | {
+        "packed_bytes": cell.packed_file.stat().st_size,
+        "fp_bytes": sum(f.stat().st_size for f in base.glob("*.safetensors")),
+        "bits_per_weight": bits_per_weight(packed),
+    }
+    return finish(cfg, cell, results, record, kind="packed")

@@ -1,0 +1,106 @@
+"""Stage ``quantize``: run the method, save a fake-quantized HF checkpoint and its quant record."""
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from safetensors.torch import load_file, save_file
+
+from omniquant import act_stats as act_stats_lib
+from omniquant import methods
+from omniquant.block import plain_layers
+from omniquant.errors import UserError
+from omniquant.export.common import QPARAMS_FILE
+from omniquant.layout import LEARNED_FILE, Cell, record_file
+from omniquant.methods.base import QuantResult
+from omniquant.metrics import peak_rss_gb, write_json
+from omniquant.stages.common import base_checkpoint, cell_of, device_of, load
+
+
+def _method_inputs(cfg: DictConfig, cell: Cell, model, calib: torch.Tensor | None) -> dict[str, Any]:
+    """The keyword arguments of :func:`omniquant.methods.quantize` for the cell: activation statistics,
+    resume state, device, and the method's options (its config, the profile's budget, the setting's
+    values for it, saved parameters)."""
+    options = OmegaConf.to_container(cfg.method, resolve=True)
+    if cell.method not in methods.NEEDS_CALIBRATION:
+        return options
+    if calib is None:
+        raise UserError(f"method={cell.method} needs calibration data: run the calib_data stage first")
+    overrides = OmegaConf.to_container(cfg.quant.get(cell.method) or OmegaConf.create({}), resolve=True)
+    stats = None
+    if cell.method in methods.NEEDS_ACT_STATS:
+        if cell.act_stats_file.is_file():
+            stats = load_file(str(cell.act_stats_file))
+        else:
+            stats = act_stats_lib.collect(model.to(device_of(cfg)), calib)
+            model.to("cpu")
+    saved = cfg.method.get("resume_params")
+    if saved and not Path(saved).is_file():
+        raise UserError(f"method.resume_params={saved} does not exist")
+    return options | {
+        "setting_defaults": overrides,
+        "profile": OmegaConf.to_container(cfg.get("calibration") or OmegaConf.create({}), resolve=True),
+        "saved_params": load_file(str(saved)) if saved else None,
+        "act_stats": stats,
+        "state_dir": cell.state_dir if cfg.method.get("resume", True) else None,
+        "device": device_of(cfg),
+    }
+
+
+def quantize_in_memory(cfg: DictConfig, cell: Cell, model, calib: torch.Tensor | None) -> tuple[QuantResult, dict]:
+    """Run the method on the CPU-resident model; returns its result and the quant record."""
+    torch.manual_seed(int(cfg.seed))
+    inputs = _method_inputs(cfg, cell, model, calib)
+    start = time.perf_counter()
+    _, result = methods.quantize(model, cell.setting, cell.method, calib, **inputs)
+    seconds = time.perf_counter() - start
+    record = {"quant_seconds": seconds, "peak_rss_gb": peak_rss_gb()}
+    record["peak_mem_gb"] = result.record.get("peak_mem_gb", record["peak_rss_gb"])
+    if calib is not None:
+        record["calib_nsamples"], record["calib_seqlen"] = int(calib.shape[0]), int(calib.shape[1])
+    if "calib" in result.record:  # the effective hyper-parameters after precedence
+        record |= {f"calib_{k}": result.record["calib"][k] for k in ("epochs", "batch_size")}
+    return result, record | {k: v for k, v in result.record.items() if k != "peak_mem_gb"}
+
+
+def quantize(cfg: DictConfig) -> Path:
+    """Quantize the model and save a fake-quantized HF checkpoint plus its quant record.
+
+    For OmniQuant this is the calibration stage: it also saves the learned parameters
+    (``omni_parameters.safetensors``), resumable per block from ``artifacts/state``.
+    """
+    cell = cell_of(cfg)
+    base = base_checkpoint(cfg)
+    calib = load_file(str(cell.calib_file))["input_ids"] if cell.calib_file.is_file() else None
+    staging = cell.quantized_dir.with_name(cell.quantized_dir.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        if cell.method == "fp":
+            record = {"quant_seconds": 0.0, "peak_rss_gb": peak_rss_gb(), "checkpoint": str(Path(base).resolve())}
+        else:
+            model, tokenizer = load(cfg, base, torch.device("cpu"))
+            result, record = quantize_in_memory(cfg, cell, model, calib)
+            with plain_layers(model):
+                model.save_pretrained(staging)
+            tokenizer.save_pretrained(staging)
+            save_file(_flat_qparams(result.qparams), str(staging / QPARAMS_FILE))
+            if result.learned:
+                save_file(result.learned, str(staging / LEARNED_FILE))
+            record["checkpoint"] = None  # this directory
+        write_json(record_file(staging), record | {"setting": cell.setting.name, "method": cell.method})
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    shutil.rmtree(cell.quantized_dir, ignore_errors=True)
+    staging.rename(cell.quantized_dir)
+    shutil.rmtree(cell.state_dir, ignore_errors=True)  # finished: resume files no longer needed
+    return cell.quantized_dir
+
+
+def _flat_qparams(qparams: dict) -> dict[str, torch.Tensor]:
+    return {f"{name}.{key}": t.contiguous() for name, d in qparams.items() for key, t in d.items()}
