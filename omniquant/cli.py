@@ -26,7 +26,6 @@ from omniquant.models.smollm2 import PINNED_WHEEL
 from omniquant.packing import read_qparams, save_packed
 from omniquant.perplexity import perplexity
 from omniquant.setting import QuantSetting
-from omniquant.tables import bits
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -55,19 +54,18 @@ def _parser() -> argparse.ArgumentParser:
     ex.add_argument("quantized_dir")
     ex.add_argument("out_dir")
     ex.add_argument("--format", required=True, choices=sorted(export_lib.FORMATS))
-    for cmd in (pk, ex):
-        cmd.add_argument("--symmetric", action="store_true", help="the setting was symmetric")
     return p
 
 
-def _stage_setting(quantized_dir: str, symmetric: bool) -> QuantSetting:
-    """The setting recorded by the quantize stage in ``quant_record.json``."""
+def _stage_setting(quantized_dir: str) -> QuantSetting:
+    """The setting recorded by the quantize stage in its quant record (``quant``)."""
     record = record_file(quantized_dir)
     if not record.is_file():
         raise UserError(f"{record} not found: pass a quantize-stage output directory")
-    name = json.loads(record.read_text())["setting"]
-    wbits, abits, group = bits(name)
-    return QuantSetting(name, wbits, abits, group, symmetric)
+    quant = json.loads(record.read_text()).get("quant")
+    if quant is None:
+        raise UserError(f"{record} does not record the quantization setting: re-run the quantize stage")
+    return QuantSetting.from_record(quant)
 
 
 def _device() -> torch.device:
@@ -99,7 +97,7 @@ def main(argv: list[str] | None = None) -> None:
         tok.save_pretrained(args.out_dir)
         print(json.dumps({"out_dir": args.out_dir, "quant_seconds": seconds}))
     elif args.cmd == "pack":
-        setting = _stage_setting(args.quantized_dir, args.symmetric)
+        setting = _stage_setting(args.quantized_dir)
         if setting.weight_spec is None:
             raise UserError(f"setting {setting.name} does not quantize weights: nothing to pack")
         model, _ = load_model(args.quantized_dir, torch.float32, torch.device("cpu"))
@@ -110,7 +108,7 @@ def main(argv: list[str] | None = None) -> None:
             raise UserError(str(err)) from None
         print(json.dumps({"packed": str(path), "packed_bytes": path.stat().st_size}))
     elif args.cmd == "export":
-        setting = _stage_setting(args.quantized_dir, args.symmetric)
+        setting = _stage_setting(args.quantized_dir)
         out = export_lib.export(export_lib.load_quantized(args.quantized_dir, setting), args.format, args.out_dir)
         print(json.dumps({"format": args.format, "written": str(out)}))
     else:

@@ -1,7 +1,7 @@
 """A quantization setting such as ``w3a16g128``: weight and activation bit widths, grouping."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Any, Mapping
 
 from omniquant.errors import UserError
@@ -36,6 +36,18 @@ class QuantSetting:
             group_size=cfg.get("group_size"),
             symmetric=bool(cfg.get("symmetric", False)),
         )
+
+    def record(self) -> dict[str, Any]:
+        """The full setting as ``quant_record.json`` stores it: its fields and the activation spec
+        (``act``: ``None`` when activations stay in full precision)."""
+        act = self.act_spec
+        return asdict(self) | {"act": None if act is None else
+                               {"bits": act.bits, "per_token": act.group_size is None, "symmetric": act.symmetric}}
+
+    @classmethod
+    def from_record(cls, record: Mapping[str, Any]) -> "QuantSetting":
+        """The setting :meth:`record` wrote."""
+        return cls(**{f.name: record[f.name] for f in fields(cls)})
 
     @property
     def quantizes(self) -> bool:

@@ -5,8 +5,10 @@ import pytest
 import torch
 
 from omniquant import cli
+from omniquant.layout import record_file
 from omniquant.models import load_model
 from omniquant.packed import load_packed_model
+from omniquant.setting import QuantSetting
 from omniquant.stages.prepare_model import prepare_model
 from omniquant.stages.quantize import quantize
 
@@ -41,3 +43,15 @@ def test_export_of_a_setting_the_format_cannot_hold_is_one_clear_line(quantized,
     assert len(errors) == 1 and errors[0].startswith("omniquant: error: awq export cannot represent setting w4a16g32")
     assert "Traceback" not in errors[0] and not (tmp_path / "awq").exists()
 
+
+def test_commands_read_the_setting_from_the_quant_record(quantized, tmp_path, capsys):
+    assert cli._stage_setting(str(quantized)) == QuantSetting("w4a16g32", 4, 16, 32, symmetric=False)
+    record = json.loads(record_file(quantized).read_text())
+    record["quant"]["symmetric"] = True
+    record_file(quantized).write_text(json.dumps(record))
+    assert cli._stage_setting(str(quantized)).symmetric  # not re-parsed from the name
+    del record["quant"]
+    record_file(quantized).write_text(json.dumps(record))
+    with pytest.raises(SystemExit):
+        cli.main(["pack", str(quantized), str(tmp_path / "model.packed.safetensors")])
+    assert "does not record the quantization setting" in capsys.readouterr().err

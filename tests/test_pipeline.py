@@ -9,6 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from omniquant.layout import record_file
 from omniquant.metrics import read_json
 from omniquant.models import load_model
 from omniquant.arch import adapter_of
@@ -36,6 +37,8 @@ def test_stage_chain_writes_on_grid_checkpoint_and_metrics(make_cfg, data_root, 
     assert load_file(str(calib))["input_ids"].shape == (4, 64)
     qdir = quantize(cfg)
     assert not qdir.with_name(qdir.name + ".partial").exists()
+    assert read_json(record_file(qdir))["quant"] == {"name": "w3a16g128", "wbits": 3, "abits": 16, "group_size": 128,
+                                                     "symmetric": False, "act": None}
     model, _ = load_model(str(qdir), torch.float32, torch.device("cpu"))
     qparams = load_file(str(qdir / "qparams.safetensors"))
     assert qparams["model.layers.0.self_attn.q_proj.scales"].shape == (64, 1)  # 64 cols, one padded g128
@@ -162,6 +165,9 @@ def test_saved_weight_activation_checkpoint_evaluates_like_in_memory(make_cfg, d
     act_stats(cfg)
     qdir = quantize(cfg)
     assert (qdir / "omni_parameters.safetensors").is_file()
+    assert read_json(record_file(qdir))["quant"] == {"name": "w4a4", "wbits": 4, "abits": 4, "group_size": None,
+                                                     "symmetric": False,
+                                                     "act": {"bits": 4, "per_token": True, "symmetric": False}}
     staged = eval_ppl(cfg)
     in_memory = run_cell(cfg)
     assert staged["wikitext2_ppl"] == pytest.approx(in_memory["wikitext2_ppl"], rel=1e-6)

@@ -68,7 +68,8 @@ def quantize_in_memory(cfg: DictConfig, cell: Cell, model, calib: torch.Tensor |
 
 
 def quantize(cfg: DictConfig) -> Path:
-    """Quantize the model and save a fake-quantized HF checkpoint plus its quant record.
+    """Quantize the model and save a fake-quantized HF checkpoint plus its quant record (which holds the
+    full setting under ``quant``: :meth:`~omniquant.setting.QuantSetting.record`).
 
     For OmniQuant this is the calibration stage: it also saves the learned parameters
     (``omni_parameters.safetensors``), resumable per block from ``artifacts/state``.
@@ -92,7 +93,8 @@ def quantize(cfg: DictConfig) -> Path:
             if result.learned:
                 save_file(result.learned, str(staging / LEARNED_FILE))
             record["checkpoint"] = None  # this directory
-        write_json(record_file(staging), record | {"setting": cell.setting.name, "method": cell.method})
+        write_json(record_file(staging), record | {"setting": cell.setting.name, "method": cell.method,
+                                                    "quant": cell.setting.record()})
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
