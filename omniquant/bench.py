@@ -64,13 +64,13 @@ class Runner:
 
 
 # ------------------------------------------------------------------------------------------ devices
-def device_name(device: torch.device | str) -> str:
-    """The GPU's name, or the CPU model from /proc/cpuinfo."""
+def device_name(device: torch.device | str, cpuinfo: str | Path = "/proc/cpuinfo") -> str:
+    """The GPU's name, or the CPU model from ``cpuinfo``."""
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        lines = Path(cpuinfo).read_text().splitlines()
     except OSError:
         return "cpu"
     names = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]

@@ -36,8 +36,18 @@ def test_roofline_fraction():
     assert roofline_frac(8 * 25.0, 100e9, 1e9 / 8) == pytest.approx(0.25)  # batch 8 reads weights once per 8 tokens
 
 
-def test_device_and_bandwidth():
-    assert device_name("cpu")
+def test_device_name_is_the_cpu_model_or_the_gpu_name(tmp_path, monkeypatch):
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nmodel name\t: Fake CPU 9000\n\nprocessor\t: 1\nmodel name\t: Fake CPU 9000\n")
+    assert device_name("cpu", cpuinfo=info) == "Fake CPU 9000 (2 logical CPUs)"
+    info.write_text("processor\t: 0\n")  # no model name line (some ARM kernels)
+    assert device_name("cpu", cpuinfo=info) == "cpu"
+    assert device_name("cpu", cpuinfo=tmp_path / "missing") == "cpu"
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: f"Fake GPU {device}")
+    assert device_name("cuda:0") == "Fake GPU cuda:0"
+
+
+def test_memory_bandwidth():
     assert memory_bandwidth("cpu", nbytes=4 * 2**20, repeats=2) > 0
 
 

@@ -96,9 +96,49 @@ def test_triton_kernel_matches_dequantized_reference(bits, group):
         torch.testing.assert_close(kernels.quant_matmul(x, weight, split_k), expected, **tol)
 
 
-@needs_triton
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="PackedLinear dispatches to Triton only for CUDA inputs")
-def test_packed_linear_uses_triton_on_cuda():
-    layer = PackedLinear(packed_weight(QuantSpec(3, 128), 64, 256)).cuda()
-    x = inputs(2, 256, torch.float16, "cuda")
-    torch.testing.assert_close(layer(x), F.linear(x, layer.dequantized_weight(torch.float16)), rtol=1e-2, atol=1e-2)
+class CudaLooking(torch.Tensor):
+    """A CPU tensor that says it is on CUDA: PackedLinear's dispatch on a machine without a GPU."""
+
+    @property
+    def is_cuda(self) -> bool:
+        return True
+
+
+def _record_triton_calls(monkeypatch) -> list[tuple[int, ...]]:
+    """Input shapes of every :func:`kernels.quant_matmul` call PackedLinear makes (the real kernel still runs,
+    under the Triton interpreter for a :class:`CudaLooking` input)."""
+    calls, real = [], kernels.quant_matmul
+
+    def spy(x, weight, split_k=None):
+        calls.append(tuple(x.shape))
+        return real(x.as_subclass(torch.Tensor), weight, split_k)
+
+    monkeypatch.setattr(kernels, "quant_matmul", spy)
+    return calls
+
+
+@pytest.mark.parametrize("device,rows,spec,importable,uses", [
+    ("cpu", 2, QuantSpec(3, 128), True, False),  # CPU inputs never take Triton, even where it imports
+    ("cpu", 2, QuantSpec(4, 128), True, False),  # (torch's int4 kernel)
+    ("cuda", 2, QuantSpec(3, 128), True, True),
+    ("cuda", kernels.MAX_ROWS, QuantSpec(4, 64), True, True),
+    ("cuda", kernels.MAX_ROWS + 1, QuantSpec(3, 128), True, False),  # prefill: dequantize + dense matmul
+    ("cuda", 2, QuantSpec(4, None), True, False),  # per-channel: the kernel needs groups
+    ("cuda", 2, QuantSpec(3, 128), False, False),  # Triton not importable
+], ids=lambda v: v.tag if isinstance(v, QuantSpec) else str(v))
+def test_packed_linear_uses_triton_exactly_where_it_should(monkeypatch, device, rows, spec, importable, uses):
+    """Without a GPU the CUDA cases run on :class:`CudaLooking` CPU inputs (the kernel under the interpreter)."""
+    if uses and not kernels.available():
+        pytest.skip("triton is not installed")
+    calls = _record_triton_calls(monkeypatch)
+    if not importable:
+        monkeypatch.setattr(kernels, "available", lambda: False)
+    on_gpu = device == "cuda" and torch.cuda.is_available()
+    dtype = torch.float16 if on_gpu else torch.float32
+    layer = PackedLinear(packed_weight(spec, 64, 256)).to(DEVICE if on_gpu else "cpu")
+    x = inputs(rows, 256, dtype, DEVICE if on_gpu else "cpu")
+    if device == "cuda" and not on_gpu:
+        x = x.as_subclass(CudaLooking)
+    expected = F.linear(x.as_subclass(torch.Tensor), layer.dequantized_weight(dtype))
+    torch.testing.assert_close(layer(x).as_subclass(torch.Tensor), expected, rtol=1e-2, atol=1e-2)
+    assert calls == ([(rows, 256)] if uses else [])

@@ -18,7 +18,7 @@ from omniquant.stages.act_stats import act_stats
 from omniquant.stages.bench_speed import bench_speed
 from omniquant.stages.calib_data import calib_data
 from omniquant.stages.eval_ppl import eval_ppl
-from omniquant.stages.mlc_compile import mlc_compile
+from omniquant.stages.mlc_compile import CUDA_NOT_IMPLEMENTED, NO_CUDA, cuda_status, mlc_compile
 from omniquant.stages.pack import pack
 from omniquant.stages.prepare_model import prepare_model
 from omniquant.stages.quantize import quantize
@@ -235,7 +235,7 @@ def test_mlc_compile_and_bench_speed_stages(make_cfg, data_root, tmp_path):
     pack(cfg)
     built = mlc_compile(cfg)
     assert built["llvm_status"] == "ok" and built["llvm_prefill_max_abs_err"] < 1e-4
-    assert built["cuda_status"].startswith("skipped: ") or torch.cuda.is_available()
+    assert built["cuda_status"] == (CUDA_NOT_IMPLEMENTED if torch.cuda.is_available() else NO_CUDA)
     assert (tmp_path / "artifacts/mlc/tiny-llama/w4a16g128/rtn/mlc-llm/mlc-chat-config.json").is_file()
     speed = bench_speed(cfg)
     saved = read_json(tmp_path / "metrics/tiny-llama/w4a16g128/rtn.speed.json")
@@ -244,3 +244,9 @@ def test_mlc_compile_and_bench_speed_stages(make_cfg, data_root, tmp_path):
         assert variant["prefill_tok_s"] > 0 and set(variant["decode_tok_s"]) == {"b1_n4", "b2_n4"}
         assert 0 < variant["roofline_frac"]["b1_n4"]
 
+
+@pytest.mark.parametrize("gpu,expected", [(True, "skipped: the TVM CUDA build is not implemented yet"),
+                                          (False, "skipped: no CUDA GPU on this machine")])
+def test_cuda_status_says_why_the_cuda_build_was_skipped(monkeypatch, gpu, expected):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpu)
+    assert cuda_status() == expected
