@@ -202,38 +202,48 @@ class QuantBlock(nn.Module):
         return Transformed(weights, biases, norms, qparams)
 
     def _apply_let(self, weights: dict, biases: dict, norms: dict) -> None:
+        """Norms first, then each weight in forward order: its input-column scale, then its row scales.
+
+        (This order fixes the autograd graph, hence the rounding of the accumulated gradients: it is
+        the order of the Llama-only code this replaced, so its results are bit-identical.)"""
         for name, p in self.let.items():
             if not name.endswith("_shift"):
                 truncate_(p)
-        for pair in self.let_pairs:
-            s = self.let[pair.name]
-            delta = self.let[f"{pair.name}_shift"] if self.shifts else None
-            s_in = self._per_query_head(s) if pair.heads else s
-            for c in pair.consumers:  # Y = ((X - δ) / s)(W s)ᵀ + (b + W δ)
-                if delta is not None:
-                    d_in = self._per_query_head(delta) if pair.heads else delta
-                    biases[c] = biases[c] + weights[c] @ d_in
-                weights[c] = weights[c] * s_in
-            if pair.prev in weights:  # rows of a linear (v_proj)
-                weights[pair.prev] = weights[pair.prev] / s[:, None]
-                if biases[pair.prev] is not None:
-                    b = biases[pair.prev] if delta is None else biases[pair.prev] - delta
-                    biases[pair.prev] = b / s
-            else:  # a norm
+        s_k = self._qk_scale()
+        pairs = self.let_pairs
+        shift = {p.name: self.let[f"{p.name}_shift"] if self.shifts else None for p in pairs}
+        for pair in pairs:
+            if pair.prev not in weights:  # a norm: Y = ((X - δ) / s)(W s)ᵀ + (b + W δ)
+                s, delta = self.let[pair.name], shift[pair.name]
                 m, b = norms[pair.prev]
                 norms[pair.prev] = (m / s, None if b is None else (b if delta is None else b - delta) / s)
-        s_k = self._qk_scale()
-        if self.adapter.qk_norm:  # Q ⊘ s and K ⊙ s per head channel through the q/k norm weights
-            qn, kn = self.adapter.qk_norm
-            norms[qn] = (norms[qn][0] / s_k, norms[qn][1])
-            norms[kn] = (norms[kn][0] * s_k, norms[kn][1])
-        else:
-            s_q = self._per_query_head(s_k)
-            weights["q"] = weights["q"] / s_q[:, None]
-            weights["k"] = weights["k"] * s_k[:, None]
-            for role, r in (("q", 1 / s_q), ("k", s_k)):
+        qk_norm = self.adapter.qk_norm
+        if qk_norm:  # Q ⊘ s and K ⊙ s per head channel through the q/k norm weights
+            norms[qk_norm[0]] = (norms[qk_norm[0]][0] / s_k, norms[qk_norm[0]][1])
+            norms[qk_norm[1]] = (norms[qk_norm[1]][0] * s_k, norms[qk_norm[1]][1])
+        for role in weights:
+            for pair in pairs:
+                if role in pair.consumers:
+                    s = self.let[pair.name]
+                    s_in, delta = (self._per_query_head(s) if pair.heads else s), shift[pair.name]
+                    if delta is not None:
+                        biases[role] = biases[role] + weights[role] @ (self._per_query_head(delta) if pair.heads
+                                                                       else delta)
+                    weights[role] = weights[role] * s_in
+            if role == "q" and not qk_norm:
+                weights[role] = weights[role] / self._per_query_head(s_k)[:, None]
                 if biases[role] is not None:
-                    biases[role] = biases[role] * r
+                    biases[role] = biases[role] / self._per_query_head(s_k)
+            if role == "k" and not qk_norm:
+                weights[role] = weights[role] * s_k[:, None]
+                if biases[role] is not None:
+                    biases[role] = biases[role] * s_k
+            for pair in pairs:
+                if pair.prev == role:  # rows of a linear (v_proj)
+                    s, delta = self.let[pair.name], shift[pair.name]
+                    weights[role] = weights[role] / s[:, None]
+                    if biases[role] is not None:
+                        biases[role] = (biases[role] if delta is None else biases[role] - delta) / s
 
     def _quantize_weight(self, name: str, w: torch.Tensor) -> tuple[torch.Tensor, tuple]:
         spec = self.cfg.weight
