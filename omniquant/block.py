@@ -92,7 +92,7 @@ class QuantBlock(nn.Module):
         self.layer = layer
         self.cfg = cfg
         self.adapter = adapter_of_layer(layer)
-        attn = layer.self_attn
+        attn = layer.get_submodule(self.adapter.attention)
         config = attn.config
         self.layout = self.adapter.layout(layer, config)
         views = self.layout.views
@@ -332,7 +332,7 @@ class QuantBlock(nn.Module):
                   position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
                   past_key_values=None) -> torch.Tensor:
         """The attention sublayer on normalised input ``h`` (output after o_proj and any post-norm)."""
-        a, attn = self.adapter, self.layer.self_attn
+        a, attn = self.adapter, self.layer.get_submodule(self.adapter.attention)
         shape = (*h.shape[:-1], -1, self.head_dim)
         q = self.proj("q", h, t)
         if a.q_scaled_after_proj:
@@ -372,7 +372,8 @@ class QuantBlock(nn.Module):
         """Top-k routing as HF Mixtral: softmax over the router logits, renormalised top-k weights."""
         flat = h.reshape(-1, h.shape[-1])
         probs = torch.softmax(self.proj("router", flat, t).float(), dim=-1)
-        top_w, top_i = torch.topk(probs, self.layer.mlp.gate.top_k, dim=-1)
+        top_k = self.layer.get_submodule(self.layout.views["router"].module).top_k
+        top_w, top_i = torch.topk(probs, top_k, dim=-1)
         top_w = top_w / top_w.sum(dim=-1, keepdim=True)
         out = torch.zeros_like(flat)
         for e in range(self.layout.experts):

@@ -81,6 +81,7 @@ class Adapter:
     layout: Callable[[nn.Module, Any], Layout]  # (decoder layer, config) -> its layout
     attn_norm: str
     mlp_norm: str
+    attention: str = "self_attn"  # the attention module (its config, layer_idx, scaling, head_dim)
     norm: NormKind = "rms"
     attn_out_norm: str | None = None  # applied to the attention output before the residual (Gemma 3)
     mlp_out_norm: str | None = None
