@@ -32,7 +32,7 @@ def setting(name: str) -> QuantSetting:
 def rtn_model(name: str, **tiny_kwargs):
     """A tiny Llama fake-quantized by RTN, its tokenizer and qparams."""
     model, tok = tiny_llama(**tiny_kwargs)
-    result = methods.quantize_(model, setting(name), {"name": "rtn"})
+    result = methods.quantize(model, setting(name), "rtn")[1]
     return model, tok, result.qparams
 
 
@@ -55,7 +55,7 @@ def test_codes_are_recovered_exactly_and_off_grid_weights_rejected():
     model, tok = tiny_llama()
     path, spec = "model.layers.1.mlp.down_proj", setting("w3a16g32").weight_spec
     codes, scales, zeros = quantize_weight(model.get_submodule(path).weight, spec)  # RTN's integers
-    qparams = methods.quantize_(model, setting("w3a16g32"), {"name": "rtn"}).qparams
+    qparams = methods.quantize(model, setting("w3a16g32"), "rtn")[1].qparams
     linear = quantized_model(model, setting("w3a16g32"), qparams, tok).linears[path]
     assert torch.equal(linear.codes, codes) and torch.equal(linear.zeros, zeros.int())
     assert torch.equal(linear.scales, scales)
@@ -96,7 +96,7 @@ def test_compressed_tensors_rejects_what_it_cannot_represent(tmp_path):
     model, _ = tiny_llama()
     with torch.no_grad():
         model.model.layers[0].self_attn.q_proj.weight[3].abs_().add_(0.1)  # one row, all positive: zero point < 0
-    qparams = methods.quantize_(model, setting("w4a16gNone"), {"name": "rtn"}).qparams
+    qparams = methods.quantize(model, setting("w4a16gNone"), "rtn")[1].qparams
     with pytest.raises(UserError, match="self_attn.q_proj has zero points in \\[-"):
         export(quantized_model(model, setting("w4a16gNone"), qparams), "compressed-tensors", tmp_path)
     assert not any(tmp_path.iterdir())

@@ -25,7 +25,7 @@ TVM_TOLERANCE = 1e-4  # float32 logits of magnitude ~1; measured ~3e-7
 def rtn(setting: QuantSetting, **tiny_kwargs):
     """A tiny Llama fake-quantized by RTN, its tokenizer and qparams."""
     model, tok = tiny_llama(**tiny_kwargs)
-    return model, tok, methods.quantize_(model, setting, {"name": "rtn"}).qparams
+    return model, tok, methods.quantize(model, setting, "rtn")[1].qparams
 
 
 def artifacts(tmp_path: Path, setting: QuantSetting):
