@@ -1,6 +1,7 @@
 """A quantization setting such as ``w3a16g128``: weight and activation bit widths, grouping."""
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Mapping
 
@@ -26,6 +27,17 @@ class QuantSetting:
             raise UserError(
                 f"quant.group_size={self.group_size!r} is invalid: use a positive integer (e.g. 128) or null"
             )
+
+    @classmethod
+    def parse(cls, name: str, symmetric: bool = False) -> "QuantSetting":
+        """``w3a16g128``-style names (``fp16`` for full precision)."""
+        if name == "fp16":
+            return cls(name, FULL_PRECISION_BITS, FULL_PRECISION_BITS, None)
+        match = re.fullmatch(r"w(\d+)a(\d+)(?:g(\d+))?", name)
+        if match is None:
+            raise UserError(f"setting {name!r} is not of the form w<bits>a<bits>[g<group>] (e.g. w3a16g128) or fp16")
+        wbits, abits, group = match.groups()
+        return cls(name, int(wbits), int(abits), None if group is None else int(group), symmetric)
 
     @classmethod
     def from_cfg(cls, cfg: Mapping[str, Any]) -> "QuantSetting":

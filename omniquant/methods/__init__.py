@@ -14,6 +14,7 @@ from torch import nn
 
 from omniquant import act_stats as act_stats_lib
 from omniquant.errors import UserError
+from omniquant.method_names import NAMES, NEEDS_ACT_STATS, NEEDS_CALIBRATION, validate
 from omniquant.methods import awq, fp, gptq, omniquant, rtn, smoothquant
 from omniquant.methods.base import MethodContext, QuantResult
 from omniquant.runner import default_device
@@ -27,24 +28,7 @@ Method = Callable[[nn.Module, QuantSetting, Mapping[str, Any], torch.Tensor | No
 # name -> implementation; each lives in omniquant/methods/<name>.py
 METHODS: dict[str, Method] = {"fp": fp.quantize, "rtn": rtn.quantize, "omniquant": omniquant.quantize,
                               "gptq": gptq.quantize, "awq": awq.quantize, "smoothquant": smoothquant.quantize}
-NEEDS_CALIBRATION = {"omniquant", "gptq", "awq", "smoothquant"}
-NEEDS_ACT_STATS = {"omniquant", "smoothquant"}  # per-channel activation maxima (LET init, smoothing)
-WEIGHT_METHODS = {"gptq", "awq"}  # methods that only act on weights
-
-
-def validate(name: str, setting: QuantSetting) -> None:
-    """Reject unknown methods and method/setting combinations that make no sense."""
-    if name not in METHODS:
-        raise UserError(f"method {name!r} is unknown; available: {', '.join(METHODS)}")
-    if name == "fp" and setting.quantizes:
-        raise UserError(f"method=fp evaluates the unquantized model; use quant=fp16, not quant={setting.name}")
-    if name != "fp" and not setting.quantizes:
-        raise UserError(f"quant={setting.name} quantizes nothing; use method=fp for the full-precision row")
-    if name in WEIGHT_METHODS and setting.weight_spec is None:
-        raise UserError(f"method={name} quantizes weights; quant={setting.name} keeps them in full precision")
-    if name == "smoothquant" and setting.act_spec is None:
-        raise UserError(f"method=smoothquant is for weight-activation settings; quant={setting.name} keeps "
-                        "activations in full precision: use rtn, gptq or awq")
+assert tuple(METHODS) == NAMES
 
 
 def quantize(

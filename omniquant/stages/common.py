@@ -10,7 +10,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from omniquant import data as datalib
-from omniquant import methods, models
+from omniquant import method_names, models
 from omniquant.block import attach_act_quant
 from omniquant.errors import UserError
 from omniquant.layout import Cell
@@ -26,7 +26,7 @@ def cell_of(cfg: DictConfig) -> Cell:
     """Validate the config's choices and name its cell (raises UserError on bad input)."""
     setting = QuantSetting.from_cfg(cfg.quant)
     method = str(cfg.method.name)
-    methods.validate(method, setting)
+    method_names.validate(method, setting)
     models.loading.source_of(cfg.model)
     return Cell(models.model_name(cfg.model), setting, method, Path(cfg.paths.out))
 

@@ -11,7 +11,7 @@ from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import load_file, save_file
 
 from omniquant import act_stats as act_stats_lib
-from omniquant import methods
+from omniquant import method_names, methods
 from omniquant.block import plain_layers
 from omniquant.errors import UserError
 from omniquant.export.common import QPARAMS_FILE
@@ -26,13 +26,13 @@ def _method_inputs(cfg: DictConfig, cell: Cell, model, calib: torch.Tensor | Non
     resume state, device, and the method's options (its config, the profile's budget, the setting's
     values for it, saved parameters)."""
     options = OmegaConf.to_container(cfg.method, resolve=True)
-    if cell.method not in methods.NEEDS_CALIBRATION:
+    if cell.method not in method_names.NEEDS_CALIBRATION:
         return options
     if calib is None:
         raise UserError(f"method={cell.method} needs calibration data: run the calib_data stage first")
     overrides = OmegaConf.to_container(cfg.quant.get(cell.method) or OmegaConf.create({}), resolve=True)
     stats = None
-    if cell.method in methods.NEEDS_ACT_STATS:
+    if cell.method in method_names.NEEDS_ACT_STATS:
         if cell.act_stats_file.is_file():
             stats = load_file(str(cell.act_stats_file))
         else:

@@ -6,7 +6,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 
-from omniquant import methods
+from omniquant import method_names
 from omniquant.stages.calib_data import sample_calibration
 from omniquant.stages.common import base_checkpoint, cell_of, check_eval_data, device_of, finish, load
 from omniquant.stages.eval_ppl import evaluate_perplexity
@@ -21,7 +21,7 @@ def run_cell(cfg: DictConfig) -> dict[str, Any]:
     if cfg.eval.zeroshot.enabled:
         zeroshot_root(cfg)
     model, tokenizer = load(cfg, base_checkpoint(cfg), torch.device("cpu"))
-    calib = sample_calibration(cfg, tokenizer) if cell.method in methods.NEEDS_CALIBRATION else None
+    calib = sample_calibration(cfg, tokenizer) if cell.method in method_names.NEEDS_CALIBRATION else None
     _, record = quantize_in_memory(cfg, cell, model, calib)
     model.to(device_of(cfg))
     metrics = finish(cfg, cell, evaluate_perplexity(cfg, model, tokenizer, cell.model), record)
