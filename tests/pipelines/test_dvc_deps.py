@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 PACKAGES = ("omniquant", "pipelines")  # what counts as project code
 SCRIPT = re.compile(r"python -m (pipelines\.\w+)")
 

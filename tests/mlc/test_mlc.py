@@ -18,7 +18,7 @@ from omniquant.models.tiny import tiny_llama
 from omniquant.packing import save_packed
 from omniquant.setting import QuantSetting
 
-GOLDEN = Path(__file__).parent / "data" / "mlc-chat-config.golden.json"
+GOLDEN = Path(__file__).parent / "mlc-chat-config.golden.json"
 TVM_TOLERANCE = 1e-4  # float32 logits of magnitude ~1; measured ~3e-7
 
 
