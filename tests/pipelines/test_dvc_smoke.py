@@ -10,6 +10,7 @@ import pytest
 from conftest import REPO
 
 
+@pytest.mark.slow  # ≈ 7 min on 2 cores: .ci/run runs it after the default suite
 @pytest.mark.skipif(shutil.which("dvc") is None and not (REPO / ".venv/bin/dvc").exists(), reason="dvc not installed")
 def test_dvc_repro_smoke_grid(tmp_path, data_root):
     work = tmp_path / "repo"
