@@ -118,11 +118,6 @@ class QuantBlock(nn.Module):
             self._init_let(act_scales, alpha, weight_stat, act_shifts)
 
     @property
-    def norm_paths(self) -> list[str]:
-        a = self.adapter
-        return [p for p in (a.attn_norm, a.mlp_norm, a.attn_out_norm, a.mlp_out_norm, *(a.qk_norm or ())) if p]
-
-    @property
     def let_pairs(self):
         return [p for name in LET_PAIRS for p in self.layout.pairs if p.name == name]
 
@@ -192,7 +187,7 @@ class QuantBlock(nn.Module):
         layer, views = self.layer, self.layout.views
         weights = {role: v.weight(layer).float() for role, v in views.items()}
         biases = {role: None if (b := v.bias(layer)) is None else b.float() for role, v in views.items()}
-        norms = {path: self._norm_params(path) for path in self.norm_paths}
+        norms = {path: self._norm_params(path) for path in self.adapter.norm_paths}
         if self.cfg.let:
             self._apply_let(weights, biases, norms)
         qparams = {}
@@ -310,7 +305,7 @@ class QuantBlock(nn.Module):
                            {r: v.bias(self.layer) for r, v in views.items()},
                            {p: self._norm_params(p) if self.adapter.norm == "rms_1p" else
                             (self.layer.get_submodule(p).weight, getattr(self.layer.get_submodule(p), "bias", None))
-                            for p in self.norm_paths}, {})
+                            for p in self.adapter.norm_paths}, {})
 
     def proj(self, role: str, x: torch.Tensor, t: Transformed) -> torch.Tensor:
         if role in self.taps:

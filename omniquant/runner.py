@@ -175,7 +175,7 @@ class Runner:
         ids = self.calib.to(self.device)
         n_bytes = ids.numel() * self.model.config.hidden_size * 4 * (len(self.chains) + 1)
         x = self.adapter.embed(self.model, ids).float().to(_buffer_device(self.device, n_bytes))
-        kwargs = self.adapter.layer_inputs(self.model, self.adapter.embed(self.model, ids[:1]).float())
+        kwargs = self.adapter.layer_inputs(self.model, x[:1].to(self.device))
         for m in modules:
             m.to("cpu")
         return x, kwargs

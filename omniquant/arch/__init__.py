@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from omniquant.arch.base import Adapter, Layout, Pair, View
+from omniquant.arch.base import Adapter, Layout, Pair, View, require_modules
 from omniquant.arch.gemma3 import GEMMA3
 from omniquant.arch.llama import LLAMA, MISTRAL, QWEN2, QWEN3
 from omniquant.arch.mixtral import MIXTRAL
@@ -29,6 +29,10 @@ def adapter_of(model: nn.Module) -> Adapter:
     adapter = adapter_for(getattr(getattr(model, "config", None), "model_type", None))
     if adapter.check is not None:
         adapter.check(model)
+    layer = adapter.decoder_layers(model)[0]
+    layer = getattr(layer, "layer", layer)  # an activation-quantizing QuantBlock wraps the HF layer
+    views = adapter.layout(layer, model.config).views.values()
+    require_modules(layer, [adapter.attention, *adapter.norm_paths, *(v.module for v in views)], adapter.family)
     return adapter
 
 

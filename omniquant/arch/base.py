@@ -100,6 +100,12 @@ class Adapter:
     check: Callable[[nn.Module], None] | None = None  # refuse checkpoints the adapter cannot map
     tiny: dict[str, Any] = field(default_factory=dict)  # config of a tiny random model (tests, smoke runs)
 
+    @property
+    def norm_paths(self) -> list[str]:
+        """Every norm of a block that our forward applies (and LET may rescale)."""
+        paths = (self.attn_norm, self.mlp_norm, self.attn_out_norm, self.mlp_out_norm, *(self.qk_norm or ()))
+        return [p for p in paths if p]
+
     # ----------------------------------------------------------------- model level
     def decoder_layers(self, model: nn.Module) -> nn.ModuleList:
         return model.get_submodule(self.layers)
@@ -189,7 +195,7 @@ def glu_pairs(norm: str) -> tuple[Pair, Pair]:
 
 def require_modules(layer: nn.Module, paths: list[str], family: str) -> None:
     """One-line error when a decoder layer lacks a module the adapter maps."""
-    missing = [p for p in paths if not _has(layer, p)]
+    missing = list(dict.fromkeys(p for p in paths if not _has(layer, p)))
     if missing:
         raise UserError(f"{family}: the checkpoint's decoder layer has no {', '.join(missing)}; "
                         "the adapter cannot map it")

@@ -111,7 +111,8 @@ def hessians(job: BlockJob, block: QuantBlock, roles: Sequence[str], x: torch.Te
 
 def gptq_step(job: BlockJob, cfg: GPTQConfig) -> StepResult:
     """GPTQ every quantized weight of one layer in place, group by group of the adapter."""
-    spec, setting = job.runner.setting.weight_spec, job.runner.setting
+    setting = job.runner.setting
+    spec = setting.weight_spec
     block = QuantBlock(job.layer, BlockConfig(weight=None))
     block.fused = True  # the layer's own weights, updated as the groups are quantized
     views = block.layout.quantized

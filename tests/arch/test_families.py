@@ -152,3 +152,7 @@ def test_unsupported_family_and_unmappable_checkpoint_are_one_line_errors():
     model.config.do_layer_norm_before = False
     with pytest.raises(UserError, match="opt: post-norm"):
         adapter_of(model)
+    model = _model("qwen3")
+    del model.model.layers[0].self_attn.q_norm  # a checkpoint without the qk-norm the family has
+    with pytest.raises(UserError, match="qwen3: the checkpoint's decoder layer has no self_attn.q_norm"):
+        adapter_of(model)
