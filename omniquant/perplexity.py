@@ -2,6 +2,7 @@
 
 ``n = numel // seqlen`` non-overlapping windows; per window the mean cross-entropy over the
 ``seqlen - 1`` shifted targets times ``seqlen`` is its NLL; ``ppl = exp(Σ nll / (n·seqlen))``.
+A diverged model's perplexity is reported as it is (NaN, or inf when the exponent overflows).
 """
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
+
+from omniquant.errors import UserError
 
 
 @dataclass(frozen=True)
@@ -30,11 +33,15 @@ def perplexity(
     desc: str = "perplexity",
     progress: bool = True,
 ) -> Perplexity:
-    """Perplexity of ``model`` over ``tokens`` (``[1, L]``), first ``max_windows`` windows only if set."""
+    """Perplexity of ``model`` over ``tokens`` (``[1, L]``), first ``max_windows`` windows only if set;
+    raises :class:`UserError` for ``seqlen < 2``, ``max_windows < 1`` or no whole window."""
+    if seqlen < 2 or (max_windows is not None and max_windows < 1):
+        raise UserError(f"perplexity needs seqlen >= 2 and max_windows >= 1 (or none); got seqlen={seqlen}, "
+                        f"max_windows={max_windows}")
     total = tokens.numel() // seqlen
     n = total if max_windows is None else min(total, max_windows)
     if n == 0:
-        raise ValueError(f"{tokens.numel()} tokens are fewer than one window of {seqlen}")
+        raise UserError(f"{tokens.numel()} tokens are fewer than one window of seqlen={seqlen}: use a smaller seqlen")
     device = next(model.parameters()).device
     nll_sum = 0.0
     bar = tqdm(range(n), desc=desc, unit="win", disable=not progress, dynamic_ncols=True)
@@ -43,5 +50,13 @@ def perplexity(
         logits = model(batch).logits.float()
         loss = F.cross_entropy(logits[0, :-1], batch[0, 1:])
         nll_sum += loss.item() * seqlen
-        bar.set_postfix(ppl=f"{math.exp(nll_sum / ((i + 1) * seqlen)):.3f}")
-    return Perplexity(ppl=math.exp(nll_sum / (n * seqlen)), windows=n, total_windows=total)
+        bar.set_postfix(ppl=f"{_exp(nll_sum / ((i + 1) * seqlen)):.3f}")
+    return Perplexity(ppl=_exp(nll_sum / (n * seqlen)), windows=n, total_windows=total)
+
+
+def _exp(mean_nll: float) -> float:
+    """``exp`` that gives inf where it overflows (NaN stays NaN)."""
+    try:
+        return math.exp(mean_nll)
+    except OverflowError:
+        return math.inf

@@ -15,6 +15,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -83,13 +84,35 @@ class Records:
     speed: list[Metrics]
 
 
-def load_metrics(root: str | Path) -> Records:
-    """Every metrics file under ``root``, by kind."""
+def impossible(m: Metrics) -> str | None:
+    """Why a record's figures cannot be right (a perplexity of 1 or less or not finite, zero windows, a NaN
+    accuracy), or None."""
+    for key, value in sorted(m.items()):
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            continue
+        if key.endswith(("_ppl", "_acc", "_acc_norm", "_avg")) and not math.isfinite(value):
+            return f"{key}={value} is impossible (not finite)"
+        if key.endswith("_ppl") and value <= 1:  # 1 only for a certain model, or no windows at all
+            return f"{key}={value} is impossible (<= 1)"
+        if key.endswith("_windows") and value == 0:
+            return f"{key}=0 is impossible (no windows)"
+    return None
+
+
+def load_metrics(root: str | Path, models: Sequence[str] | None = None) -> Records:
+    """Every metrics file under ``root`` (``root/<model>`` of ``models`` only, if given), by kind; a record
+    with impossible figures is skipped, with one line naming it."""
     kinds: dict[str, list[Metrics]] = {"ppl": [], "zeroshot": [], "packed": [], "mlc": [], "speed": []}
-    for path in sorted(Path(root).rglob("*.json")):
+    folders = [Path(root)] if models is None else [Path(root) / model for model in models]
+    for path in sorted(p for folder in folders for p in folder.rglob("*.json")):
         match = KIND.search(path.name)
         kind = "ppl" if match is None else match[1].removesuffix("_full")
-        kinds[kind].append(json.loads(path.read_text()))
+        record = json.loads(path.read_text())
+        problem = impossible(record)
+        if problem:
+            print(f"omniquant: skipped {path}: {problem}")
+            continue
+        kinds[kind].append(record)
     return Records(**{kind: sorted(rows, key=_key) for kind, rows in kinds.items()})
 
 
@@ -208,7 +231,8 @@ def plot_perplexity(ppl: Sequence[Metrics], path: str | Path) -> Path:
     import matplotlib.pyplot as plt
 
     models = sorted({m["model"] for m in ppl})
-    fig, axes = plt.subplots(1, len(models), figsize=(6.5 * len(models), 4.5), squeeze=False)
+    panels = max(1, len(models))  # an empty panel when there is nothing to plot yet
+    fig, axes = plt.subplots(1, panels, figsize=(6.5 * panels, 4.5), squeeze=False)
     colours = {method: f"C{i}" for i, method in enumerate(METHOD_ORDER)}
     for ax, model in zip(axes[0], models):
         lines: dict[tuple[str, bool], dict[int, float]] = {}
@@ -298,10 +322,11 @@ def table3(speed: Sequence[Metrics], mlc: Sequence[Metrics]) -> Table:
                  + ["peak mem (GB)", "weights MiB", "roofline %", "device"], body, notes)
 
 
-def write_tables(metrics_root: str | Path, out: str | Path, metric: str = "acc") -> list[Path]:
+def write_tables(metrics_root: str | Path, out: str | Path, metric: str = "acc",
+                 models: Sequence[str] | None = None) -> list[Path]:
     """``table1``, ``table2``, ``tableA1``, ``table_packed``, ``table3`` (.md and .csv) and ``ppl_vs_bits.png``
-    under ``out``."""
-    records = load_metrics(metrics_root)
+    under ``out``, from the metrics of ``models`` (all by default)."""
+    records = load_metrics(metrics_root, models)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     written = []

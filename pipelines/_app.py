@@ -1,6 +1,4 @@
 """Shared Hydra wrapper: every stage script is ``run_stage(<omniquant.stages.<stage> function>)``."""
-import os
-import signal
 import sys
 from pathlib import Path
 from typing import Any, Callable
@@ -8,7 +6,7 @@ from typing import Any, Callable
 import hydra
 from omegaconf import DictConfig
 
-from omniquant.errors import EXIT_USER_ERROR, exit_on_user_error
+from omniquant.errors import EXIT_USER_ERROR, exit_on_user_error, install_signal_handlers
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
@@ -27,35 +25,9 @@ def unknown_group_option(argv: list[str], conf_dir: Path = CONF_DIR) -> str | No
     return None
 
 
-def _interrupt(signum: int, _frame: Any) -> None:
-    raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
-
-
-_BEFORE: dict[int, Any] = {}  # the handlers interrupt_on_signals replaced, restored in forked children
-
-
-def _restore_in_child() -> None:
-    for signum, handler in _BEFORE.items():
-        signal.signal(signum, handler)
-
-
-def interrupt_on_signals() -> None:
-    """Make SIGTERM (``kill``, ``timeout``, schedulers) and SIGINT (also in background jobs, where the
-    shell ignores it) raise ``KeyboardInterrupt``, so interrupted stages unwind and save what they
-    have (the zero-shot request cache and the time it cost; the MLflow run ends as failed).
-
-    Forked children get the previous handlers back: lm-eval's bootstrap pool is forked and ended by
-    SIGTERM, and a worker raising there instead of dying can leave the pool's queue lock held. Calling
-    this again installs no second fork hook and keeps the handlers from before the first call."""
-    if not _BEFORE:
-        os.register_at_fork(after_in_child=_restore_in_child)
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        _BEFORE.setdefault(signum, signal.signal(signum, _interrupt))
-
-
 def run_stage(stage: Callable[[DictConfig], Any]) -> None:
     """Compose ``conf/`` with the command-line overrides (``-m`` for sweeps) and run ``stage``."""
-    interrupt_on_signals()
+    install_signal_handlers()
     problem = unknown_group_option(sys.argv[1:])
     if problem:
         print(f"omniquant: error: {problem}", file=sys.stderr)

@@ -2,7 +2,7 @@
 
 ``python -m pipelines.compose_params [grid=smoke] [--check]``. The file holds the grid that
 ``dvc.yaml`` templates over (``grid.cells``: the union of the grid's settings x methods blocks,
-keyed ``<model>-<setting>-<method>``; ``grid.zeroshot_cells`` likewise for the zero-shot stage, ``grid.pack_cells`` / ``grid.speed_cells`` for the pack, mlc_compile and bench_speed stages) and the composed default config, for reference; each DVC
+keyed ``<model>-<setting>-<method>``; ``grid.name``: the grid's conf file; ``grid.zeroshot_cells`` likewise for the zero-shot stage, ``grid.pack_cells`` / ``grid.speed_cells`` for the pack, mlc_compile and bench_speed stages) and the composed default config, for reference; each DVC
 cell tracks its own ``conf/**.yaml`` files as params. ``--check`` exits 1 if the file is stale.
 """
 from __future__ import annotations
@@ -55,10 +55,11 @@ def stage_cells(grid: dict, name: str) -> dict[str, dict[str, str]]:
 
 def compose_params(overrides: list[str]) -> str:
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("config", overrides=overrides)
+        cfg = compose("config", overrides=overrides, return_hydra_config=True)
     composed = OmegaConf.to_container(cfg, resolve=False)
     composed.pop("paths")  # machine-specific, resolved at run time
-    grid = composed.pop("grid")
+    grid = {"name": cfg.hydra.runtime.choices.grid} | composed.pop("grid")  # the tables stage composes it again
+    composed.pop("hydra")
     grid["cells"] = grid_cells(grid["models"], grid["blocks"])
     grid["zeroshot_cells"] = zeroshot_cells(grid)
     grid["pack_cells"] = stage_cells(grid, "pack")

@@ -1,12 +1,17 @@
-"""The `omniquant` CLI's pack and export commands on a quantize-stage output of the tiny model."""
+"""The `omniquant` CLI on the tiny model: quantize, pack and export, bad flags, overlapping and interrupted outputs."""
 import json
+import signal
+import subprocess
+import sys
 
 import pytest
 import torch
 
 from omniquant import cli
+from omniquant.export.common import QPARAMS_FILE
 from omniquant.layout import record_file
 from omniquant.models import load_model
+from omniquant.models.tiny import tiny_model
 from omniquant.packed import load_packed_model
 from omniquant.setting import QuantSetting
 from omniquant.stages.prepare_model import prepare_model
@@ -41,11 +46,11 @@ def test_export_of_a_setting_the_format_cannot_hold_is_one_clear_line(quantized,
     assert exit_info.value.code != 0
     errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line.lower()]
     assert len(errors) == 1 and errors[0].startswith("omniquant: error: awq export cannot represent setting w4a16g32")
-    assert "Traceback" not in errors[0] and not (tmp_path / "awq").exists()
+    assert "Traceback" not in errors[0] and not list(tmp_path.glob("awq*"))  # no output, no temporary one
 
 
 def test_commands_read_the_setting_from_the_quant_record(quantized, tmp_path, capsys):
-    assert cli._stage_setting(str(quantized)) == QuantSetting("w4a16g32", 4, 16, 32, symmetric=False)
+    assert cli._stage_setting(str(quantized)) == QuantSetting(4, 16, 32, symmetric=False)
     record = json.loads(record_file(quantized).read_text())
     record["quant"]["symmetric"] = True
     record_file(quantized).write_text(json.dumps(record))
@@ -55,3 +60,86 @@ def test_commands_read_the_setting_from_the_quant_record(quantized, tmp_path, ca
     with pytest.raises(SystemExit):
         cli.main(["pack", str(quantized), str(tmp_path / "model.packed.safetensors")])
     assert "does not record the quantization setting" in capsys.readouterr().err
+
+
+@pytest.fixture
+def tiny_dir(tmp_path):
+    """The tiny Llama saved as an HF checkpoint."""
+    model, tok = tiny_model()
+    model.save_pretrained(tmp_path / "tiny")
+    tok.save_pretrained(tmp_path / "tiny")
+    return tmp_path / "tiny"
+
+
+def _one_line_error(capsys, code: int, exit_info) -> str:
+    err = capsys.readouterr().err
+    assert exit_info.value.code == code and "Traceback" not in err
+    lines = [line for line in err.splitlines() if line.startswith("omniquant")]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["quantize", "M", "OUT", "--wbits", "9"], "--wbits=9 is invalid: allowed 2..8, or 16 for full precision"),
+    (["quantize", "M", "OUT", "--wbits", "4", "--abits", "1"], "--abits=1 is invalid: allowed 2..8, or 16 for full precision"),
+    (["quantize", "M", "OUT", "--wbits", "4", "--group-size", "0"], "--group-size=0 is invalid: allowed an integer >= 1"),
+    (["quantize", "M", "OUT", "--wbits", "4", "--group-size", "x"], "--group-size=x is invalid: allowed an integer >= 1"),
+    (["ppl", "M", "--max-windows", "-1"], "--max-windows=-1 is invalid: allowed an integer >= 1"),
+    (["ppl", "M", "--seqlen", "1"], "--seqlen=1 is invalid: allowed an integer >= 2"),
+])
+def test_numeric_flags_are_checked_before_anything_runs(argv, message, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(argv)
+    assert _one_line_error(capsys, 2, exit_info) == f"omniquant: error: {message}"
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("out", ["{model}", "{model}/q", "{model}/.."])
+def test_quantize_refuses_an_output_that_overlaps_the_model(out, tiny_dir, capsys):
+    before = sorted(p.name for p in tiny_dir.iterdir())
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["quantize", str(tiny_dir), out.format(model=tiny_dir), "--wbits", "4"])
+    assert "overlaps the input" in _one_line_error(capsys, 2, exit_info)
+    assert sorted(p.name for p in tiny_dir.iterdir()) == before
+
+
+def test_quantize_writes_a_quantize_stage_directory(tiny_dir, tmp_path, capsys):
+    out = tmp_path / "q"
+    cli.main(["quantize", str(tiny_dir), str(out), "--wbits", "4", "--group-size", "32"])
+    record = json.loads(record_file(out).read_text())
+    assert record["setting"] == "w4a16g32" and record["method"] == "rtn" and record["quant_seconds"] >= 0
+    assert QuantSetting.from_record(record["quant"]) == QuantSetting(4, 16, 32)
+    assert (out / QPARAMS_FILE).is_file() and sorted(p.name for p in tmp_path.iterdir()) == ["q", "tiny"]
+    cli.main(["pack", str(out), str(tmp_path / "model.packed.safetensors")])
+    cli.main(["export", str(out), str(tmp_path / "ct"), "--format", "compressed-tensors"])
+    assert json.loads(capsys.readouterr().out.splitlines()[-1])["written"] == str(tmp_path / "ct")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ct", "model.packed.safetensors", "q", "tiny"]
+
+
+INTERRUPT_IN_SAVE = """
+import os, signal, sys, time
+from transformers import PreTrainedTokenizerBase
+from omniquant import cli
+
+def save_pretrained(self, *args, **kwargs):  # the weights are written: the folder is half a checkpoint
+    os.kill(os.getpid(), int(sys.argv[1]))
+    time.sleep(30)
+
+PreTrainedTokenizerBase.save_pretrained = save_pretrained
+cli.main(sys.argv[2:])
+"""
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_an_interrupted_quantize_leaves_no_partial_output(signum, tiny_dir, tmp_path):
+    out = tmp_path / "q"
+    out.mkdir()
+    (out / "old").write_text("the previous output")
+    proc = subprocess.run([sys.executable, "-c", INTERRUPT_IN_SAVE, str(int(signum)), "quantize", str(tiny_dir),
+                           str(out), "--wbits", "4"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 128 + signum and "Traceback" not in proc.stderr
+    assert [line for line in proc.stderr.splitlines() if line.startswith("omniquant")] == [
+        "omniquant: interrupted; run the same command again"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["q", "tiny"]  # no *.partial-<pid> left
+    assert [p.name for p in out.iterdir()] == ["old"]  # the previous output is replaced only when complete

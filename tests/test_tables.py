@@ -5,7 +5,7 @@ import json
 import pytest
 
 from omniquant import paper
-from omniquant.tables import bits, load_metrics, table1, table2, table3, table_packed, tableA1, write_tables
+from omniquant.tables import bits, impossible, load_metrics, table1, table2, table3, table_packed, tableA1, write_tables
 
 
 def _write(root, setting, method, suffix="", **values):
@@ -75,6 +75,38 @@ def test_tableA1_lists_quantized_cells_with_their_budget(metrics):
     assert all(r[2] != "fp" for r in rows)
 
 
+@pytest.mark.parametrize("values, problem", [
+    ({"wikitext2_ppl": 1.0}, "wikitext2_ppl=1.0 is impossible (<= 1)"),
+    ({"wikitext2_ppl": 0.5}, "wikitext2_ppl=0.5 is impossible (<= 1)"),
+    ({"wikitext2_ppl": float("nan")}, "wikitext2_ppl=nan is impossible (not finite)"),
+    ({"packed_wikitext2_ppl": float("inf")}, "packed_wikitext2_ppl=inf is impossible (not finite)"),
+    ({"wikitext2_ppl": 9.0, "wikitext2_windows": 0}, "wikitext2_windows=0 is impossible (no windows)"),
+    ({"piqa_acc": float("nan")}, "piqa_acc=nan is impossible (not finite)"),
+    ({"zeroshot_avg": float("nan")}, "zeroshot_avg=nan is impossible (not finite)"),
+])
+def test_impossible_figures_are_named(values, problem):
+    assert impossible({"model": "m", "setting": "w4a4", "method": "rtn"} | values) == problem
+
+
+def test_records_with_impossible_figures_are_skipped_with_one_line_each(metrics, capsys):
+    _write(metrics, "w4a4", "gptq", wikitext2_ppl=1.0, wikitext2_windows=0)  # what max_windows=-1 used to write
+    _write(metrics, "w4a4", "awq", ".zeroshot", piqa_acc=float("nan"))
+    records = load_metrics(metrics)
+    assert [m["method"] for m in records.ppl if m["setting"] == "w4a4"] == ["rtn"]
+    assert [m["method"] for m in records.zeroshot if m["setting"] == "w4a4"] == ["rtn"]
+    assert capsys.readouterr().out.splitlines() == [
+        f"omniquant: skipped {metrics / 'm/w4a4/awq.zeroshot.json'}: piqa_acc=nan is impossible (not finite)",
+        f"omniquant: skipped {metrics / 'm/w4a4/gptq.json'}: wikitext2_ppl=1.0 is impossible (<= 1)"]
+    assert impossible(records.ppl[0]) is None
+
+
+def test_only_the_given_models_metrics_are_read(metrics):
+    (metrics / "m").rename(metrics / "tiny-llama")
+    _write(metrics, "w4a4", "rtn", wikitext2_ppl=50.0)  # model "m" again
+    assert [m["wikitext2_ppl"] for m in load_metrics(metrics, ["m"]).ppl] == [50.0]
+    assert load_metrics(metrics, []).ppl == [] and len(load_metrics(metrics).ppl) == 6
+
+
 def test_write_tables_writes_markdown_csv_and_plot(metrics, tmp_path):
     written = write_tables(metrics, tmp_path / "results")
     assert {p.name for p in written} == {"table1.md", "table1.csv", "table2.md", "table2.csv", "tableA1.md",
@@ -93,8 +125,8 @@ def test_tables_stage_logs_to_mlflow(metrics, make_cfg, tmp_path, monkeypatch):
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    written = tables(make_cfg(f"paths.out={metrics.parent}", "mlflow.enabled=true"))
-    assert (metrics.parent / "results" / "table1.md") in written
+    written = tables(make_cfg(f"paths.out={metrics.parent}", "mlflow.enabled=true", "grid.models=[m]"))
+    assert (metrics.parent / "results" / "table1.md") in written  # grid.results of the default grid
     mlflow.set_tracking_uri(uri)
     run = mlflow.search_runs(experiment_names=["omniquant"], output_format="list")[0]
     assert run.info.run_name == "grid" and run.data.tags["omniquant.role"] == "parent"  # the cells' parent run

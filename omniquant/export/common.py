@@ -1,4 +1,5 @@
-"""What every export shares: the model's integer codes, bit packing, setting checks, HF checkpoint files.
+"""What every export shares: the model's integer codes, bit packing, setting checks, HF checkpoint files,
+and the quantize-stage directory itself (:func:`save_quantized`), every folder written atomically (:func:`staged`).
 
 A quantized model is its fake-quantized HF weights plus, per decoder-block linear, the ``scales``
 and ``zeros`` ``[out, n_groups]`` of :mod:`omniquant.quantizer`'s grid. The integer codes are
@@ -9,9 +10,11 @@ from __future__ import annotations
 
 import copy
 import json
+import shutil
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping
+from typing import Any, Iterator, Mapping
 
 import torch
 from safetensors.torch import save_file
@@ -21,6 +24,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, 
 from omniquant.block import plain_layers
 from omniquant.errors import UserError
 from omniquant.arch import packable_adapter
+from omniquant.layout import LEARNED_FILE, record_file
+from omniquant.metrics import write_json
 from omniquant.packing import codes_from_weight, read_qparams
 from omniquant.quantizer import QuantSpec
 from omniquant.setting import QuantSetting
@@ -196,6 +201,48 @@ def require_zeros_in_range(qm: QuantizedModel, fmt: str) -> None:
 
 
 # ------------------------------------------------------------------------------------------ writing
+@contextmanager
+def staged(out: str | Path, suffix: str = ".partial") -> Iterator[Path]:
+    """A fresh sibling folder ``<out><suffix>`` to write into: renamed to ``out`` (replacing it) when the block
+    completes, removed when it raises (an interrupt too), so ``out`` is never half written."""
+    out = Path(out)
+    staging = out.with_name(out.name + suffix)
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        yield staging
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    old = staging.with_name(staging.name + ".old")
+    if out.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        out.rename(old)  # aside first: a slow or interrupted delete never leaves half of the old ``out``
+    staging.rename(out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def save_quantized(out: str | Path, setting: QuantSetting, method: str, record: dict[str, Any],
+                   model: nn.Module | None = None, tokenizer: PreTrainedTokenizerBase | None = None,
+                   qparams: Mapping[str, Mapping[str, torch.Tensor]] | None = None,
+                   learned: dict[str, torch.Tensor] | None = None, suffix: str = ".partial") -> Path:
+    """Write a quantize-stage directory ``out`` atomically (:func:`staged`): the fake-quantized HF checkpoint,
+    tokenizer, ``qparams`` and ``learned`` parameters when ``model`` is given, and the quant record (``record``
+    with the setting's name, ``method`` and the full setting under ``quant``)."""
+    with staged(out, suffix) as staging:
+        if model is not None:
+            with plain_layers(model):
+                model.save_pretrained(staging)
+            tokenizer.save_pretrained(staging)
+            save_file({f"{name}.{key}": t.contiguous() for name, d in (qparams or {}).items() for key, t in d.items()},
+                      str(staging / QPARAMS_FILE))
+            if learned:
+                save_file(learned, str(staging / LEARNED_FILE))
+        write_json(record_file(staging), record | {"setting": setting.name, "method": method,
+                                                   "quant": setting.record()})
+    return Path(out)
+
+
 def write_hf_checkpoint(qm: QuantizedModel, out: Path, tensors: dict[str, torch.Tensor],
                         quantization_config: dict, dtype: torch.dtype) -> Path:
     """An HF checkpoint directory: ``config.json`` with ``quantization_config``, ``model.safetensors``, tokenizer."""

@@ -8,16 +8,15 @@ from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from omniquant import act_stats as act_stats_lib
 from omniquant import method_names, methods
-from omniquant.block import plain_layers
 from omniquant.errors import UserError
-from omniquant.export.common import QPARAMS_FILE
-from omniquant.layout import LEARNED_FILE, Cell, record_file
+from omniquant.export.common import save_quantized
+from omniquant.layout import Cell
 from omniquant.methods.base import QuantResult
-from omniquant.metrics import peak_rss_gb, write_json
+from omniquant.metrics import peak_rss_gb
 from omniquant.stages.common import base_checkpoint, cell_of, device_of, load
 
 
@@ -77,32 +76,14 @@ def quantize(cfg: DictConfig) -> Path:
     cell = cell_of(cfg)
     base = base_checkpoint(cfg)
     calib = load_file(str(cell.calib_file))["input_ids"] if cell.calib_file.is_file() else None
-    staging = cell.quantized_dir.with_name(cell.quantized_dir.name + ".partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    try:
-        if cell.method == "fp":
-            record = {"quant_seconds": 0.0, "peak_rss_gb": peak_rss_gb(), "checkpoint": str(Path(base).resolve())}
-        else:
-            model, tokenizer = load(cfg, base, torch.device("cpu"))
-            result, record = quantize_in_memory(cfg, cell, model, calib)
-            with plain_layers(model):
-                model.save_pretrained(staging)
-            tokenizer.save_pretrained(staging)
-            save_file(_flat_qparams(result.qparams), str(staging / QPARAMS_FILE))
-            if result.learned:
-                save_file(result.learned, str(staging / LEARNED_FILE))
-            record["checkpoint"] = None  # this directory
-        write_json(record_file(staging), record | {"setting": cell.setting.name, "method": cell.method,
-                                                    "quant": cell.setting.record()})
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    shutil.rmtree(cell.quantized_dir, ignore_errors=True)
-    staging.rename(cell.quantized_dir)
+    if cell.method == "fp":
+        record = {"quant_seconds": 0.0, "peak_rss_gb": peak_rss_gb(), "checkpoint": str(Path(base).resolve())}
+        save_quantized(cell.quantized_dir, cell.setting, cell.method, record)
+    else:
+        model, tokenizer = load(cfg, base, torch.device("cpu"))
+        result, record = quantize_in_memory(cfg, cell, model, calib)
+        save_quantized(cell.quantized_dir, cell.setting, cell.method, record | {"checkpoint": None},  # this directory
+                       model, tokenizer, result.qparams, result.learned)
     shutil.rmtree(cell.state_dir, ignore_errors=True)  # finished: resume files no longer needed
     return cell.quantized_dir
 
-
-def _flat_qparams(qparams: dict) -> dict[str, torch.Tensor]:
-    return {f"{name}.{key}": t.contiguous() for name, d in qparams.items() for key, t in d.items()}

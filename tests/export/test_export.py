@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM, CompressedTensorsConfig
 from omniquant import methods
 from omniquant.errors import UserError
 from omniquant.export import awq, export, gguf, load_quantized, quantized_model
-from omniquant.export.common import QPARAMS_FILE, pack_int32, unpack_int32
+from omniquant.export.common import QPARAMS_FILE, pack_int32, staged, unpack_int32
 from omniquant.models.tiny import tiny_llama
 from omniquant.quantizer import quantize_weight
 from omniquant.setting import QuantSetting
@@ -26,7 +26,7 @@ def setting(name: str) -> QuantSetting:
     """``w4a16g128``-style names; ``gNone`` is per-channel."""
     w, rest = name[1:].split("a")
     a, _, g = rest.partition("g")
-    return QuantSetting(name, int(w), int(a), None if g in ("", "None") else int(g))
+    return QuantSetting(int(w), int(a), None if g in ("", "None") else int(g))
 
 
 def rtn_model(name: str, **tiny_kwargs):
@@ -173,3 +173,17 @@ def test_unknown_format_is_a_user_error(tmp_path):
     model, tok, qparams = rtn_model("w4a16g32")
     with pytest.raises(UserError, match="unknown; available: compressed-tensors, awq, gguf"):
         export(quantized_model(model, setting("w4a16g32"), qparams), "exl2", tmp_path)
+
+
+def test_staged_folders_replace_the_output_only_when_complete(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "old").write_text("previous")
+    with pytest.raises(KeyboardInterrupt):
+        with staged(out, ".partial-1") as staging:
+            (staging / "half").write_text("written")
+            raise KeyboardInterrupt
+    assert [p.name for p in tmp_path.iterdir()] == ["out"] and [p.name for p in out.iterdir()] == ["old"]
+    with staged(out, ".partial-1") as staging:
+        (staging / "new").write_text("complete")
+    assert [p.name for p in tmp_path.iterdir()] == ["out"] and [p.name for p in out.iterdir()] == ["new"]

@@ -9,6 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from omniquant.errors import install_signal_handlers
 from omniquant.layout import record_file
 from omniquant.metrics import read_json
 from omniquant.models import load_model
@@ -23,7 +24,7 @@ from omniquant.stages.pack import pack
 from omniquant.stages.prepare_model import prepare_model
 from omniquant.stages.quantize import quantize
 from omniquant.stages.run_cell import run_cell
-from pipelines._app import interrupt_on_signals, unknown_group_option
+from pipelines._app import unknown_group_option
 
 from conftest import CONF, REPO
 
@@ -84,7 +85,7 @@ def test_stage_signals_unwind_like_ctrl_c(signum):
     saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # as in a background job of a non-interactive shell
     try:
-        interrupt_on_signals()
+        install_signal_handlers()
         with pytest.raises(KeyboardInterrupt, match=signal.Signals(signum).name):
             os.kill(os.getpid(), signum)
             time.sleep(1)  # the handler runs between bytecodes
@@ -98,7 +99,7 @@ def test_forked_children_of_a_stage_die_on_sigterm():
     leave the pool's queue lock held and hang the stage)."""
     saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
-        interrupt_on_signals()
+        install_signal_handlers()
         pid = os.fork()
         if pid == 0:  # the child: wait to be killed
             time.sleep(30)
