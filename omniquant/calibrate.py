@@ -95,6 +95,9 @@ def _train_block(qblock: QuantBlock, job: BlockJob, targets: list[torch.Tensor],
                     norms.append(torch.nn.utils.clip_grad_norm_(params, float("inf")).item())
                     opt.step()
                     losses.append(loss.item())
+                bad = next((n for n, v in qblock.named_parameters() if v.requires_grad and not v.isfinite().all()), None)
+                if bad is not None:
+                    raise FloatingPointError(f"non-finite learned parameter {bad} in block {i}, epoch {epoch}")
                 record.epoch_loss.append(sum(losses) / len(losses))
                 record.epoch_grad_norm.append(sum(norms) / len(norms))
                 if bar is not None:
@@ -150,7 +153,7 @@ def calibrate(
 
     runner = Runner(model, setting, windows if train else None, device, chains=("fp", "q") if train else (),
                     forward_batch=cc.batch_size, autocast=lambda: _autocast(device, setting, cc.amp),
-                    state_dir=state_dir, key={"calib": asdict(cc), "saved": saved_params is not None})
+                    state_dir=state_dir, key={"method": asdict(cc), "saved_params": saved_params, "act_stats": stats})
     return runner.run(step, f"omniquant {setting.name}")
 
 

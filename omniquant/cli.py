@@ -15,12 +15,11 @@ import argparse
 import json
 import os
 import time
-from functools import partial
 from pathlib import Path
 
 import torch
 
-from omniquant import checks
+from omniquant import schema
 from omniquant import data as datalib
 from omniquant import export as export_lib
 from omniquant.errors import UserError, exit_on_user_error, install_signal_handlers
@@ -43,15 +42,15 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("model", help="HF model directory or hub id")
     q.add_argument("out_dir")
     q.add_argument("--method", default="rtn")
-    q.add_argument("--wbits", type=partial(checks.bits, key="--wbits"), required=True)
-    q.add_argument("--abits", type=partial(checks.bits, key="--abits"), default=16)
-    q.add_argument("--group-size", type=partial(checks.positive_int, key="--group-size"), default=None)
+    q.add_argument("--wbits", type=schema.flag(schema.BITS, "--wbits"), required=True)
+    q.add_argument("--abits", type=schema.flag(schema.BITS, "--abits"), default=16)
+    q.add_argument("--group-size", type=schema.flag(schema.POSITIVE, "--group-size"), default=None)
     q.add_argument("--symmetric", action="store_true")
     e = sub.add_parser("ppl", help="perplexity with the GPTQ/OmniQuant protocol")
     e.add_argument("model")
     e.add_argument("--dataset", default="wikitext2", choices=sorted(datalib.DATASETS))
-    e.add_argument("--seqlen", type=partial(checks.seqlen, key="--seqlen"), default=2048)
-    e.add_argument("--max-windows", type=partial(checks.positive_int, key="--max-windows"), default=None)
+    e.add_argument("--seqlen", type=schema.flag(schema.SEQLEN, "--seqlen"), default=2048)
+    e.add_argument("--max-windows", type=schema.flag(schema.POSITIVE, "--max-windows"), default=None)
     e.add_argument("--data-root", default=None, help=f"default: ${datalib.DATA_DIR_ENV}, else the HF hub")
     pk = sub.add_parser("pack", help="pack a quantize-stage output into the low-bit layout (omniquant.packing)")
     pk.add_argument("quantized_dir")

@@ -175,6 +175,9 @@ def calibration_windows(tokens: torch.Tensor, nsamples: int, seqlen: int, seed: 
     length = tokens.shape[-1]
     if length <= seqlen + 1:
         raise UserError(f"calibration text has {length} tokens, fewer than seqlen={seqlen}+2; lower calib.seqlen")
+    if nsamples * seqlen > length:
+        print(f"omniquant: the calibration text has {length} tokens, fewer than nsamples x seqlen = "
+              f"{nsamples} x {seqlen}: the windows overlap")
     rng = random.Random(seed)
     starts = [rng.randint(0, length - seqlen - 1) for _ in range(nsamples)]
     return torch.stack([tokens[0, s : s + seqlen] for s in starts])

@@ -6,6 +6,7 @@
     artifacts/quantized/<model>/<setting>/<method>/           fake-quantized checkpoint, quant_record.json,
                                                               omni_parameters.safetensors (OmniQuant)
     artifacts/state/<model>/<setting>/<method>/               resume files (outside DVC outputs)
+    artifacts/locks/<model>/<setting>/<method>/<stage>.lock   one lock per cell stage (:mod:`omniquant.locks`)
     artifacts/packed/<model>/<setting>/<method>/model.packed.safetensors
     artifacts/mlc/<model>/<setting>/<method>/{mlc-llm,tvm}/   MLC-LLM artifacts, the TVM build
     artifacts/bench/<shape>-<setting>.packed.safetensors      random packed models of benchmark shapes
@@ -100,6 +101,9 @@ class Cell:
     @property
     def tvm_dir(self) -> Path:
         return self.mlc_dir / "tvm"
+
+    def lock_file(self, stage: str) -> Path:
+        return _cell_dir(self.out, "locks", self.model, self.setting.name, self.method) / f"{stage}.lock"
 
     def metrics_file(self, kind: str = "ppl") -> Path:
         return metrics_path(self.out, self.model, self.setting.name, self.method, kind)

@@ -12,21 +12,26 @@ unfinished block and ends with an identical result.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
+import shutil
+import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, ContextManager
 
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
+from omniquant import __version__
 from omniquant.arch import Adapter, adapter_of
 from omniquant.block import BlockConfig, QuantBlock
+from omniquant.content import content_hash
+from omniquant.errors import Interrupted
 from omniquant.metrics import peak_rss_gb
 from omniquant.setting import QuantSetting
 
@@ -73,17 +78,6 @@ class StepResult:
 Step = Callable[[BlockJob], StepResult]
 
 
-def fingerprint(**parts) -> str:
-    digest = hashlib.sha256()
-    for key in sorted(parts):
-        value = parts[key]
-        if isinstance(value, torch.Tensor):
-            digest.update(value.cpu().contiguous().view(torch.uint8).numpy().tobytes())
-        else:
-            digest.update(json.dumps(value, sort_keys=True, default=str).encode())
-    return digest.hexdigest()[:16]
-
-
 def default_device(device: torch.device | None) -> torch.device:
     return device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -107,19 +101,43 @@ def _atomic_save(tensors: dict[str, torch.Tensor], path: Path) -> None:
 
 class State:
     """Per-block resume files: ``block_XXX.safetensors`` (the fused layer's weights, qparams, learned
-    parameters), ``chain.safetensors`` (the chains after that block) and ``progress.json``."""
+    parameters), ``chain.safetensors`` (the chains after that block) and ``progress.json``, which holds
+    the content key: one hash per part (model weights, calibration windows, activation statistics, the
+    method's full config, the setting, the project version). State whose key differs, or that cannot be
+    read, is discarded with one line saying why, and the run starts over."""
 
-    def __init__(self, root: Path | None, fp: str):
-        self.root, self.fp = root, fp
+    def __init__(self, root: Path | None, parts: dict[str, str]):
+        self.root, self.parts = root, parts
 
-    def next_block(self) -> int:
-        if self.root is None or not (self.root / "progress.json").is_file():
+    def next_block(self, layers: nn.ModuleList) -> int:
+        """The first block to run: 0 without usable state (which is then removed)."""
+        if self.root is None or not self.root.exists():
             return 0
-        progress = json.loads((self.root / "progress.json").read_text())
-        if progress.get("fingerprint") != self.fp:
-            print(f"omniquant: resume state in {self.root} is for another configuration; starting over")
+        problem, start = self._check(layers)
+        if problem:
+            print(f"omniquant: resume state in {self.root} {problem}; starting over")
+            shutil.rmtree(self.root, ignore_errors=True)
             return 0
-        return int(progress["next_block"])
+        return start
+
+    def _check(self, layers: nn.ModuleList) -> tuple[str | None, int]:
+        try:
+            progress = json.loads((self.root / "progress.json").read_text())
+            saved, start = dict(progress["parts"]), int(progress["next_block"])
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            return f"has no readable progress.json ({type(err).__name__})", 0
+        changed = sorted(k for k in self.parts.keys() | saved.keys() if self.parts.get(k) != saved.get(k))
+        if changed:
+            return f"was made with another {', '.join(changed)}", 0
+        if not 0 < start <= len(layers):
+            return f"says next block {start} of {len(layers)}", 0
+        for i in range(start):
+            want = {f"weights.{k}": tuple(v.shape) for k, v in layers[i].state_dict().items()}
+            problem = _unreadable(self.root / f"block_{i:03d}.safetensors", want)
+            if problem:
+                return problem, 0
+        problem = _unreadable(self.root / "chain.safetensors", {})
+        return problem, start
 
     def block(self, i: int) -> dict[str, torch.Tensor]:
         return load_file(str(self.root / f"block_{i:03d}.safetensors"))
@@ -134,8 +152,20 @@ class State:
         _atomic_save(block, self.root / f"block_{i:03d}.safetensors")
         _atomic_save(chain, self.root / "chain.safetensors")
         tmp = self.root / "progress.json.tmp"
-        tmp.write_text(json.dumps({"fingerprint": self.fp, "next_block": i + 1}))
+        tmp.write_text(json.dumps({"parts": self.parts, "next_block": i + 1}, indent=1, sort_keys=True))
         os.replace(tmp, self.root / "progress.json")
+
+
+def _unreadable(path: Path, want: dict[str, tuple[int, ...]]) -> str | None:
+    """Why the safetensors file ``path`` cannot be used (None if it can): unreadable, or one of the
+    ``want`` tensors missing or of another shape."""
+    try:
+        with safe_open(str(path), "pt") as f:
+            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except (OSError, SafetensorError) as err:
+        return f"has an unreadable {path.name} ({str(err).splitlines()[0]})"
+    bad = sorted(k for k, shape in want.items() if shapes.get(k) != shape)
+    return f"has a {path.name} that does not match the model ({bad[0]})" if bad else None
 
 
 def install(layers: nn.ModuleList, i: int, block: QuantBlock) -> None:
@@ -155,8 +185,14 @@ class Runner:
         self.layers = self.adapter.decoder_layers(model)
         self.device = default_device(device)
         self.chains, self.forward_batch, self.autocast = chains, forward_batch, autocast
-        self.state = State(state_dir if chains else None,
-                           fingerprint(setting=vars(setting), key=key or {}, windows=calib, layers=len(self.layers)))
+        resumable = state_dir is not None and bool(chains)
+        self.state = State(state_dir if resumable else None, self._key(key or {}) if resumable else {})
+
+    def _key(self, key: dict[str, Any]) -> dict[str, str]:
+        """The resume key: a hash per part (``key``: the method's parts, e.g. its config and act stats)."""
+        parts = {"weights": self.model.state_dict(), "windows": self.calib, "setting": self.setting.record(),
+                 "layers": len(self.layers), "version": __version__} | key
+        return {name: content_hash(value) for name, value in parts.items()}
 
     @torch.no_grad()
     def forward(self, block: nn.Module, x: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
@@ -185,7 +221,7 @@ class Runner:
         path, and one record per block."""
         dtype = next(self.model.parameters()).dtype
         self.model.requires_grad_(False)  # only a step's own parameters are trained
-        start = self.state.next_block()
+        start = self.state.next_block(self.layers)
         fp_in = q_in = None
         kwargs: list[dict[str, Any]] = [{} for _ in self.layers]
         if self.chains:
@@ -200,35 +236,40 @@ class Runner:
         learned: dict[str, torch.Tensor] = {}
         records: list[BlockRecord] = []
         bar = tqdm(range(len(self.layers)), desc=desc, unit="block", dynamic_ncols=True)
-        for i in bar:
-            prefix = f"{self.adapter.layers}.{i}"
-            record = BlockRecord(block=i, resumed=i < start)
-            t0 = time.perf_counter()
-            if self.device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(self.device)
-            layer = self.layers[i].to(device=self.device, dtype=torch.float32)
-            if record.resumed:
-                result = self._restore(i, layer)
-            else:
-                fp_out = None
-                if fp_in is not None:
-                    fp_out = self.forward(fp_block(layer), fp_in, kwargs[i])
-                job = BlockJob(i, prefix, layer, kwargs[i], fp_in, q_in, fp_out, record, self, bar)
-                result = step(job)
-                fp_in = fp_out
-            layer.to(dtype=dtype)
-            if not record.resumed:
-                if q_in is not None:
-                    q_in = self.forward(result.block, q_in, kwargs[i])
-                if self.chains:
-                    self.state.save(i, _block_state(layer, result), _chains(fp_in, q_in))
-            qparams |= {f"{prefix}.{k}": {n: t.cpu() for n, t in d.items()} for k, d in result.qparams.items()}
-            learned |= {f"{prefix}.{k}": v.detach().cpu() for k, v in result.learned.items()}
-            install(self.layers, i, result.block)
-            self.layers[i].to("cpu")
-            record.seconds = time.perf_counter() - t0
-            record.peak_mem_gb = _peak_mem_gb(self.device)
-            records.append(record)
+        i = start
+        try:
+            for i in bar:
+                prefix = f"{self.adapter.layers}.{i}"
+                record = BlockRecord(block=i, resumed=i < start)
+                t0 = time.perf_counter()
+                if self.device.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats(self.device)
+                layer = self.layers[i].to(device=self.device, dtype=torch.float32)
+                if record.resumed:
+                    result = self._restore(i, layer)
+                else:
+                    fp_out = None
+                    if fp_in is not None:
+                        fp_out = self.forward(fp_block(layer), fp_in, kwargs[i])
+                    job = BlockJob(i, prefix, layer, kwargs[i], fp_in, q_in, fp_out, record, self, bar)
+                    result = step(job)
+                    fp_in = fp_out
+                layer.to(dtype=dtype)
+                if not record.resumed:
+                    if q_in is not None:
+                        q_in = self.forward(result.block, q_in, kwargs[i])
+                    if self.chains:
+                        self.state.save(i, _block_state(layer, result), _chains(fp_in, q_in))
+                qparams |= {f"{prefix}.{k}": {n: t.cpu() for n, t in d.items()} for k, d in result.qparams.items()}
+                learned |= {f"{prefix}.{k}": v.detach().cpu() for k, v in result.learned.items()}
+                install(self.layers, i, result.block)
+                self.layers[i].to("cpu")
+                record.seconds = time.perf_counter() - t0
+                record.peak_mem_gb = _peak_mem_gb(self.device)
+                records.append(record)
+        except KeyboardInterrupt as err:  # one line for the user: how far it got (the state is saved per block)
+            signum = err.signum if isinstance(err, Interrupted) else signal.SIGINT
+            raise Interrupted(signum, f"block {i + 1} of {len(self.layers)}") from None
         return qparams, learned, records
 
     def _restore(self, i: int, layer: nn.Module) -> StepResult:

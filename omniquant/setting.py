@@ -1,4 +1,7 @@
-"""A quantization setting such as ``w3a16g128``: weight and activation bit widths, grouping."""
+"""A quantization setting such as ``w3a16g128``: weight and activation bit widths, grouping.
+
+The name always comes from the values (``quant=w4a16g128 quant.group_size=64`` is ``w4a16g64``), so no
+run can file its results under another setting's name."""
 from __future__ import annotations
 
 import re
@@ -11,7 +14,6 @@ from omniquant.quantizer import FULL_PRECISION_BITS, QuantSpec
 
 @dataclass(frozen=True)
 class QuantSetting:
-    name: str
     wbits: int
     abits: int
     group_size: int | None
@@ -28,21 +30,30 @@ class QuantSetting:
                 f"quant.group_size={self.group_size!r} is invalid: use a positive integer (e.g. 128) or null"
             )
 
+    @property
+    def name(self) -> str:
+        """``w<bits>a<bits>[g<group>][sym]``, or ``fp16`` when nothing is quantized."""
+        if not self.quantizes:
+            return "fp16"
+        group = "" if self.group_size is None else f"g{self.group_size}"
+        return f"w{self.wbits}a{self.abits}{group}{'sym' if self.symmetric else ''}"
+
     @classmethod
-    def parse(cls, name: str, symmetric: bool = False) -> "QuantSetting":
-        """``w3a16g128``-style names (``fp16`` for full precision)."""
+    def parse(cls, name: str) -> "QuantSetting":
+        """The setting a :attr:`name` stands for."""
         if name == "fp16":
-            return cls(name, FULL_PRECISION_BITS, FULL_PRECISION_BITS, None)
-        match = re.fullmatch(r"w(\d+)a(\d+)(?:g(\d+))?", name)
+            return cls(FULL_PRECISION_BITS, FULL_PRECISION_BITS, None)
+        match = re.fullmatch(r"w(\d+)a(\d+)(?:g(\d+))?(sym)?", name)
         if match is None:
-            raise UserError(f"setting {name!r} is not of the form w<bits>a<bits>[g<group>] (e.g. w3a16g128) or fp16")
-        wbits, abits, group = match.groups()
-        return cls(name, int(wbits), int(abits), None if group is None else int(group), symmetric)
+            raise UserError(f"setting {name!r} is not of the form w<bits>a<bits>[g<group>][sym] (e.g. w3a16g128) "
+                            "or fp16")
+        wbits, abits, group, sym = match.groups()
+        return cls(int(wbits), int(abits), None if group is None else int(group), sym is not None)
 
     @classmethod
     def from_cfg(cls, cfg: Mapping[str, Any]) -> "QuantSetting":
+        """The setting of a ``quant`` config group; its ``name`` key is only a label (see :attr:`name`)."""
         return cls(
-            name=str(cfg["name"]),
             wbits=cfg["wbits"],
             abits=cfg["abits"],
             group_size=cfg.get("group_size"),
@@ -53,7 +64,7 @@ class QuantSetting:
         """The full setting as ``quant_record.json`` stores it: its fields and the activation spec
         (``act``: ``None`` when activations stay in full precision)."""
         act = self.act_spec
-        return asdict(self) | {"act": None if act is None else
+        return asdict(self) | {"name": self.name, "act": None if act is None else
                                {"bits": act.bits, "per_token": act.group_size is None, "symmetric": act.symmetric}}
 
     @classmethod

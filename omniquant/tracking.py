@@ -61,7 +61,8 @@ def log_run(
     evaluation of the same cell) instead of starting a new one; its params are kept.
     """
     mlflow = _connect(experiment, tracking_uri)
-    numeric = {k: float(v) for k, v in flatten(metrics).items()  # nested records (speed variants) by dotted name
+    figures = {k: v for k, v in metrics.items() if k != "spec"}  # the spec is in the logged config
+    numeric = {k: float(v) for k, v in flatten(figures).items()  # nested records (speed variants) by dotted name
                if isinstance(v, (int, float)) and not isinstance(v, bool)}
     parent_id = parent_run_id(mlflow, experiment, parent) if parent or os.environ.get(PARENT_ENV) else None
     existing = _latest_run_id(mlflow, run_name, parent_id) if join_existing else None

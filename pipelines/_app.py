@@ -4,9 +4,13 @@ from pathlib import Path
 from typing import Any, Callable
 
 import hydra
+from hydra import compose, initialize_config_dir
+from hydra.errors import HydraException
 from omegaconf import DictConfig
+from omegaconf.errors import OmegaConfBaseException
 
-from omniquant.errors import EXIT_USER_ERROR, exit_on_user_error, install_signal_handlers
+from omniquant import schema
+from omniquant.errors import UserError, exit_on_user_error, install_signal_handlers
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
@@ -25,17 +29,35 @@ def unknown_group_option(argv: list[str], conf_dir: Path = CONF_DIR) -> str | No
     return None
 
 
-def run_stage(stage: Callable[[DictConfig], Any]) -> None:
-    """Compose ``conf/`` with the command-line overrides (``-m`` for sweeps) and run ``stage``."""
-    install_signal_handlers()
-    problem = unknown_group_option(sys.argv[1:])
+def _multirun(argv: list[str]) -> bool:
+    return any(a in ("-m", "--multirun") for a in argv)
+
+
+def check_overrides(argv: list[str]) -> None:
+    """Compose the config of a single run and validate it (:mod:`omniquant.schema`) before Hydra creates
+    its run folder, so that a bad override writes nothing. A sweep (``-m``) validates each job instead."""
+    problem = unknown_group_option(argv)
     if problem:
-        print(f"omniquant: error: {problem}", file=sys.stderr)
-        sys.exit(EXIT_USER_ERROR)
+        raise UserError(problem)
+    if _multirun(argv) or any(a.startswith("-") for a in argv):  # --help, --cfg, ...: Hydra's own
+        return
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            cfg = compose("config", overrides=argv)
+    except (HydraException, OmegaConfBaseException) as err:
+        raise UserError(str(err).splitlines()[0]) from None
+    schema.validate(cfg)
+
+
+def run_stage(stage: Callable[[DictConfig], Any]) -> None:
+    """Compose ``conf/`` with the command-line overrides (``-m`` for sweeps), validate it and run ``stage``."""
+    install_signal_handlers()
+    exit_on_user_error(check_overrides)(sys.argv[1:])
 
     @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
     @exit_on_user_error
     def main(cfg: DictConfig) -> None:
+        schema.validate(cfg)
         stage(cfg)
 
     main()

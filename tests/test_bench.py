@@ -27,7 +27,7 @@ KEYS = {"prefill_tok_s", "decode_tok_s", "peak_mem_gb", "weight_bytes", "rooflin
 def packed(tmp_path_factory):
     config = tiny_llama()[0].config
     out = tmp_path_factory.mktemp("bench")
-    return {bits: random_packed_model(config, QuantSetting(f"w{bits}a16g64", bits, 16, 64), out / f"w{bits}.st")
+    return {bits: random_packed_model(config, QuantSetting(bits, 16, 64), out / f"w{bits}.st")
             for bits in (4, 3)}
 
 

@@ -12,8 +12,8 @@ from omniquant.models.tiny import tiny_llama
 from omniquant.quantizer import QuantSpec
 from omniquant.setting import QuantSetting
 
-W3G32 = QuantSetting("w3a16g32", 3, 16, 32)
-W4A4 = QuantSetting("w4a4", 4, 4, None)
+W3G32 = QuantSetting(3, 16, 32)
+W4A4 = QuantSetting(4, 4, None)
 
 
 def _inputs(model, batch=2, seqlen=16, seed=0):
@@ -130,7 +130,7 @@ def _calib_setup(layers=2, kv=2):
 
 def test_training_lowers_block_loss():
     model, windows, stats = _calib_setup(layers=1)
-    _, _, records = calibrate(model, QuantSetting("w2a16g32", 2, 16, 32), windows,
+    _, _, records = calibrate(model, QuantSetting(2, 16, 32), windows,
                               CalibConfig(epochs=15, lwc_lr=5e-2), stats)
     losses = records[0].epoch_loss
     assert losses[-1] < losses[0]

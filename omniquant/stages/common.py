@@ -2,15 +2,14 @@
 checks, and writing a cell's metrics (:func:`finish`)."""
 from __future__ import annotations
 
-import fcntl
 from pathlib import Path
 from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from omniquant import __version__, locks, method_names, models
 from omniquant import data as datalib
-from omniquant import method_names, models
 from omniquant.block import attach_act_quant
 from omniquant.errors import UserError
 from omniquant.layout import Cell
@@ -25,6 +24,9 @@ RECORD_METRICS = ("quant_seconds", "peak_rss_gb", "peak_mem_gb", "nan_retries", 
 def cell_of(cfg: DictConfig) -> Cell:
     """Validate the config's choices and name its cell (raises UserError on bad input)."""
     setting = QuantSetting.from_cfg(cfg.quant)
+    if setting.name != cfg.quant.get("name"):
+        print(f"omniquant: the quant values make this setting {setting.name} (quant={cfg.quant.get('name')} was "
+              f"overridden); its artifacts and metrics go under {setting.name}")
     method = str(cfg.method.name)
     method_names.validate(method, setting)
     models.loading.source_of(cfg.model)
@@ -49,11 +51,32 @@ def load(cfg: DictConfig, path: str, device: torch.device | None = None):
 
 def base_checkpoint(cfg: DictConfig) -> str:
     """The prepared base checkpoint; parallel sweep jobs wait on a file lock while one of them prepares it."""
-    lock = Path(cfg.paths.models) / f".{models.model_name(cfg.model)}.lock"
-    lock.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock, "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
+    name = models.model_name(cfg.model)
+    with locks.hold(Path(cfg.paths.models) / f".{name}.lock", f"the prepared model {name}", wait=True):
         return models.ensure_prepared(cfg.model, cfg.paths.models, cfg.paths.cache)
+
+
+def cell_lock(cell: Cell, stage: str):
+    """The lock of one stage of a cell: a second run of it stops with a one-line error naming the holder."""
+    return locks.hold(cell.lock_file(stage), f"{stage} of {cell.run_name}")
+
+
+def spec_of(cfg: DictConfig, cell: Cell) -> dict[str, Any]:
+    """Everything a cell's quantization depends on, for its record and metrics: the model's source identity,
+    the setting, the method's config with the setting's and the profile's values for it, the calibration
+    data, the seed and the project version."""
+    method = cell.method
+    spec: dict[str, Any] = {"model": {"name": cell.model, "source": models.loading.source_identity(cfg.model)},
+                            "quant": cell.setting.record(), "method": _plain(cfg.method), "seed": int(cfg.seed),
+                            "version": __version__}
+    if method in method_names.NEEDS_CALIBRATION:
+        spec |= {"calib": _plain(cfg.data.calib), "setting_defaults": _plain(cfg.quant.get(method)),
+                 "profile": _plain(cfg.get("calibration"))}
+    return spec
+
+
+def _plain(node: Any) -> Any:
+    return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
 
 
 def load_evaluated(cfg: DictConfig, cell: Cell) -> tuple[Any, Any, dict[str, Any]]:
@@ -105,6 +128,7 @@ def finish(cfg: DictConfig, cell: Cell, results: dict[str, Any], record: dict[st
     grid = cfg.model.get("weight_grid")
     if grid:
         metrics["model_weight_grid"] = str(grid)
+    metrics["spec"] = (record.get("spec") or spec_of(cfg, cell)) | {"eval": _plain(cfg.eval)}
     write_json(cell.metrics_file(kind), metrics)
     if cfg.mlflow.enabled:
         config = OmegaConf.to_container(cfg, resolve=True)

@@ -7,7 +7,7 @@ from omegaconf import DictConfig
 
 from omniquant import data as datalib
 from omniquant.perplexity import perplexity
-from omniquant.stages.common import cell_of, check_eval_data, finish, load_evaluated
+from omniquant.stages.common import cell_lock, cell_of, check_eval_data, finish, load_evaluated
 
 
 def evaluate_perplexity(cfg: DictConfig, model, tokenizer, model_name: str) -> dict[str, Any]:
@@ -29,5 +29,6 @@ def eval_ppl(cfg: DictConfig) -> dict[str, Any]:
     """Evaluate the quantize stage's checkpoint; write ``metrics/<model>/<setting>/<method>.json``."""
     cell = cell_of(cfg)
     check_eval_data(cfg)
-    model, tokenizer, record = load_evaluated(cfg, cell)
-    return finish(cfg, cell, evaluate_perplexity(cfg, model, tokenizer, cell.model), record)
+    with cell_lock(cell, "eval"):
+        model, tokenizer, record = load_evaluated(cfg, cell)
+        return finish(cfg, cell, evaluate_perplexity(cfg, model, tokenizer, cell.model), record)

@@ -9,7 +9,7 @@ from omegaconf import DictConfig
 from omniquant import data as datalib
 from omniquant import zeroshot
 from omniquant.layout import Cell
-from omniquant.stages.common import cell_of, device_of, finish, load_evaluated
+from omniquant.stages.common import cell_lock, cell_of, device_of, finish, load_evaluated
 
 
 def zeroshot_root(cfg: DictConfig) -> Path | None:
@@ -45,5 +45,6 @@ def eval_zeroshot(cfg: DictConfig) -> dict[str, Any]:
     (``.zeroshot_full.json`` for the full task sets)."""
     cell = cell_of(cfg)
     zeroshot_root(cfg)
-    model, tokenizer, record = load_evaluated(cfg, cell)
-    return finish(cfg, cell, evaluate_zeroshot(cfg, cell, model, tokenizer), record, kind=zeroshot_kind(cfg))
+    with cell_lock(cell, zeroshot_kind(cfg)):  # the request cache and the metrics file of this kind
+        model, tokenizer, record = load_evaluated(cfg, cell)
+        return finish(cfg, cell, evaluate_zeroshot(cfg, cell, model, tokenizer), record, kind=zeroshot_kind(cfg))

@@ -17,7 +17,9 @@ from omniquant.export.common import save_quantized
 from omniquant.layout import Cell
 from omniquant.methods.base import QuantResult
 from omniquant.metrics import peak_rss_gb
-from omniquant.stages.common import base_checkpoint, cell_of, device_of, load
+from omniquant.stages.act_stats import cached_stats
+from omniquant.stages.calib_data import load_windows
+from omniquant.stages.common import base_checkpoint, cell_lock, cell_of, device_of, load, spec_of
 
 
 def _method_inputs(cfg: DictConfig, cell: Cell, model, calib: torch.Tensor | None) -> dict[str, Any]:
@@ -32,9 +34,8 @@ def _method_inputs(cfg: DictConfig, cell: Cell, model, calib: torch.Tensor | Non
     overrides = OmegaConf.to_container(cfg.quant.get(cell.method) or OmegaConf.create({}), resolve=True)
     stats = None
     if cell.method in method_names.NEEDS_ACT_STATS:
-        if cell.act_stats_file.is_file():
-            stats = load_file(str(cell.act_stats_file))
-        else:
+        stats = cached_stats(cfg, cell, calib)
+        if stats is None:
             stats = act_stats_lib.collect(model.to(device_of(cfg)), calib)
             model.to("cpu")
     saved = cfg.method.get("resume_params")
@@ -63,7 +64,7 @@ def quantize_in_memory(cfg: DictConfig, cell: Cell, model, calib: torch.Tensor |
         record["calib_nsamples"], record["calib_seqlen"] = int(calib.shape[0]), int(calib.shape[1])
     if "calib" in result.record:  # the effective hyper-parameters after precedence
         record |= {f"calib_{k}": result.record["calib"][k] for k in ("epochs", "batch_size")}
-    return result, record | {k: v for k, v in result.record.items() if k != "peak_mem_gb"}
+    return result, record | {k: v for k, v in result.record.items() if k != "peak_mem_gb"} | {"spec": spec_of(cfg, cell)}
 
 
 def quantize(cfg: DictConfig) -> Path:
@@ -74,8 +75,13 @@ def quantize(cfg: DictConfig) -> Path:
     (``omni_parameters.safetensors``), resumable per block from ``artifacts/state``.
     """
     cell = cell_of(cfg)
+    with cell_lock(cell, "quantize"):
+        return _quantize(cfg, cell)
+
+
+def _quantize(cfg: DictConfig, cell: Cell) -> Path:
     base = base_checkpoint(cfg)
-    calib = load_file(str(cell.calib_file))["input_ids"] if cell.calib_file.is_file() else None
+    calib = load_windows(cfg, cell)
     if cell.method == "fp":
         record = {"quant_seconds": 0.0, "peak_rss_gb": peak_rss_gb(), "checkpoint": str(Path(base).resolve())}
         save_quantized(cell.quantized_dir, cell.setting, cell.method, record)

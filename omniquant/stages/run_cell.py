@@ -1,6 +1,7 @@
 """Stage ``run_cell``: every stage of one cell in memory (the Hydra multirun entry; DVC's ``eval_fp``)."""
 from __future__ import annotations
 
+import shutil
 from typing import Any
 
 import torch
@@ -8,7 +9,8 @@ from omegaconf import DictConfig
 
 from omniquant import method_names
 from omniquant.stages.calib_data import sample_calibration
-from omniquant.stages.common import base_checkpoint, cell_of, check_eval_data, device_of, finish, load
+from omniquant.layout import Cell
+from omniquant.stages.common import base_checkpoint, cell_lock, cell_of, check_eval_data, device_of, finish, load
 from omniquant.stages.eval_ppl import evaluate_perplexity
 from omniquant.stages.eval_zeroshot import evaluate_zeroshot, zeroshot_kind, zeroshot_root
 from omniquant.stages.quantize import quantize_in_memory
@@ -17,6 +19,13 @@ from omniquant.stages.quantize import quantize_in_memory
 def run_cell(cfg: DictConfig) -> dict[str, Any]:
     """All stages for one cell in memory (Hydra multirun entry); no checkpoint is written."""
     cell = cell_of(cfg)
+    with cell_lock(cell, "quantize"), cell_lock(cell, "eval"), cell_lock(cell, zeroshot_kind(cfg)):
+        metrics = _run_cell(cfg, cell)
+        shutil.rmtree(cell.state_dir, ignore_errors=True)  # finished: resume files no longer needed
+    return metrics
+
+
+def _run_cell(cfg: DictConfig, cell: Cell) -> dict[str, Any]:
     check_eval_data(cfg)
     if cfg.eval.zeroshot.enabled:
         zeroshot_root(cfg)

@@ -24,6 +24,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
+from omniquant.content import content_hash
 from omniquant.errors import UserError
 from omniquant.zeroshot import sources
 
@@ -40,13 +41,7 @@ def result_key(task: str, local: bool) -> str:
 
 def fingerprint(model: nn.Module, *labels: str) -> str:
     """A short hash of the model's weights and ``labels`` (e.g. the activation setting, not in the weights)."""
-    digest = hashlib.blake2b(digest_size=8)
-    for label in labels:
-        digest.update(label.encode())
-    for name, tensor in model.state_dict().items():
-        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
-        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data)
-    return digest.hexdigest()
+    return content_hash([list(labels), model.state_dict()])
 
 
 def _spent_file(cache: Path, tasks: Sequence[str], limit: int | None) -> Path:

@@ -20,9 +20,9 @@ from omniquant.models.tiny import tiny_llama
 from omniquant.quantizer import QuantSpec, dequantize_weight, fake_quantize, quantize_weight
 from omniquant.setting import QuantSetting
 
-W3G48 = QuantSetting("w3a16g48", 3, 16, 48)  # tiny widths 64 and 160: the last group is padded
-W4SYM = QuantSetting("w4a16sym", 4, 16, None, symmetric=True)
-W4A4 = QuantSetting("w4a4", 4, 4, None)
+W3G48 = QuantSetting(3, 16, 48)  # tiny widths 64 and 160: the last group is padded
+W4SYM = QuantSetting(4, 16, None, symmetric=True)
+W4A4 = QuantSetting(4, 4, None)
 
 
 @pytest.fixture(autouse=True, scope="module")

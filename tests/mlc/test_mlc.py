@@ -34,8 +34,8 @@ def artifacts(tmp_path: Path, setting: QuantSetting):
     return model, manifest, json.loads((tmp_path / CONFIG_FILE).read_text())
 
 
-W4G128 = QuantSetting("w4a16g128", 4, 16, 128)
-W3G128 = QuantSetting("w3a16g128", 3, 16, 128)
+W4G128 = QuantSetting(4, 16, 128)
+W3G128 = QuantSetting(3, 16, 128)
 
 
 def test_awq_route_matches_the_golden_config(tmp_path):
@@ -72,7 +72,7 @@ def test_schema_rejects_broken_configs(break_it, message):
 
 
 def test_weight_activation_setting_is_rejected(tmp_path):
-    setting = QuantSetting("w4a8g128", 4, 8, 128)
+    setting = QuantSetting(4, 8, 128)
     model, tok, qparams = rtn(setting)
     with pytest.raises(UserError, match="MLC-LLM runs weight-only"):
         write_mlc_artifacts(quantized_model(model, setting, qparams, tok), tmp_path)
@@ -84,7 +84,7 @@ def tvm_builds(tmp_path_factory):
     pytest.importorskip("tvm", reason="apache-tvm is not installed (pip install apache-tvm==0.27.0.post1)")
     out = tmp_path_factory.mktemp("tvm")
     reports = {}
-    for setting, kv_heads in ((QuantSetting("w4a16g64", 4, 16, 64), 2), (W3G128, 4)):  # GQA, MHA
+    for setting, kv_heads in ((QuantSetting(4, 16, 64), 2), (W3G128, 4)):  # GQA, MHA
         model, _, qparams = rtn(setting, num_key_value_heads=kv_heads)
         packed = save_packed(out / f"{setting.name}.safetensors", model, qparams, setting.weight_spec)
         reports[setting.name] = build_tvm(packed, out)
