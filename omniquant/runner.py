@@ -126,9 +126,6 @@ class State:
             saved, start = dict(progress["parts"]), int(progress["next_block"])
         except (OSError, ValueError, KeyError, TypeError) as err:
             return f"has no readable progress.json ({type(err).__name__})", 0
-        changed = sorted(k for k in self.parts.keys() | saved.keys() if self.parts.get(k) != saved.get(k))
-        if changed:
-            return f"was made with another {', '.join(changed)}", 0
         if not 0 < start <= len(layers):
             return f"says next block {start} of {len(layers)}", 0
         for i in range(start):
@@ -137,7 +134,10 @@ class State:
             if problem:
                 return problem, 0
         problem = _unreadable(self.root / "chain.safetensors", {})
-        return problem, start
+        if problem:
+            return problem, 0
+        changed = sorted(k for k in self.parts.keys() | saved.keys() if self.parts.get(k) != saved.get(k))
+        return (f"was made with another {', '.join(changed)}", 0) if changed else (None, start)
 
     def block(self, i: int) -> dict[str, torch.Tensor]:
         return load_file(str(self.root / f"block_{i:03d}.safetensors"))
