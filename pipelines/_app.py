@@ -33,7 +33,10 @@ def _multirun(argv: list[str]) -> bool:
     return any(a in ("-m", "--multirun") for a in argv)
 
 
-def check_overrides(argv: list[str]) -> None:
+GROUPS = {"prepare_model": ("model", "run")}  # stages that read only some groups; the others check all
+
+
+def check_overrides(argv: list[str], groups: tuple[str, ...] | None = None) -> None:
     """Compose the config of a single run and validate it (:mod:`omniquant.schema`) before Hydra creates
     its run folder, so that a bad override writes nothing. A sweep (``-m``) validates each job instead."""
     problem = unknown_group_option(argv)
@@ -46,18 +49,19 @@ def check_overrides(argv: list[str]) -> None:
             cfg = compose("config", overrides=argv)
     except (HydraException, OmegaConfBaseException) as err:
         raise UserError(str(err).splitlines()[0]) from None
-    schema.validate(cfg)
+    schema.validate(cfg, groups)
 
 
 def run_stage(stage: Callable[[DictConfig], Any]) -> None:
     """Compose ``conf/`` with the command-line overrides (``-m`` for sweeps), validate it and run ``stage``."""
     install_signal_handlers()
-    exit_on_user_error(check_overrides)(sys.argv[1:])
+    groups = GROUPS.get(stage.__name__)
+    exit_on_user_error(check_overrides)(sys.argv[1:], groups)
 
     @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
     @exit_on_user_error
     def main(cfg: DictConfig) -> None:
-        schema.validate(cfg)
+        schema.validate(cfg, groups)
         stage(cfg)
 
     main()
