@@ -30,9 +30,12 @@ from torch import nn
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from omniquant.arch import Layout, Pair, adapter_of_layer, decoder_layers
-from omniquant.quantizer import QuantSpec, from_groups, quantize_activation, quantize_groups, to_groups
+from omniquant.quantizer import QuantSpec, from_groups, quantize_activation, quantize_groups, search_clip, to_groups
 
 LWC_INIT = 4.0  # σ(4) ≈ 0.982
+# clip-search start (``lwc_init: search``): logits of the factors 0.9999, σ(4), 0.975, 0.95, ..., 0.5
+LWC_SEARCH = torch.cat([torch.logit(torch.tensor([0.9999])), torch.tensor([LWC_INIT]),
+                        torch.logit(torch.tensor([1 - k / 40 for k in range(1, 21)]))])
 LET_MIN = 1e-2  # truncation guard on LET scales (reference ``truncate_number``)
 LET_PAIRS = ("qkv", "fc1", "out")  # learned smoothing pairs besides ``qk``
 
@@ -179,10 +182,11 @@ class QuantBlock(nn.Module):
         bias = getattr(norm, "bias", None)
         return (1.0 + w if self.adapter.norm == "rms_1p" else w), (None if bias is None else bias.float())
 
-    def transformed(self) -> Transformed:
+    def transformed(self, quantize: bool = True) -> Transformed:
         """LET-transformed, fake-quantized weights, biases and norm weights (differentiable).
 
-        Also returns each quantized view's final ``(scale, zero)`` for packing.
+        Also returns each quantized view's final ``(scale, zero)`` for packing; ``quantize=False`` leaves
+        the weights unquantized (the scales and zeros are still those LWC gives them).
         """
         layer, views = self.layer, self.layout.views
         weights = {role: v.weight(layer).float() for role, v in views.items()}
@@ -193,8 +197,24 @@ class QuantBlock(nn.Module):
         qparams = {}
         if self.cfg.weight is not None:
             for role, view in self.layout.quantized.items():
-                weights[role], qparams[role] = self._quantize_weight(view.name, weights[role])
+                wq, qparams[role] = self._quantize_weight(view.name, weights[role])
+                if quantize:
+                    weights[role] = wq
         return Transformed(weights, biases, norms, qparams)
+
+    @torch.no_grad()
+    def init_lwc_search(self, col_weights: Mapping[str, torch.Tensor]) -> None:
+        """Start each group's LWC factors at the candidate of :data:`LWC_SEARCH` with the lowest error
+        weighted by ``col_weights[role]`` (each input's mean square), instead of σ(4)."""
+        t = self.transformed(quantize=False)
+        candidates = torch.sigmoid(LWC_SEARCH)
+        for role, view in self.layout.quantized.items():
+            key = view.name.replace(".", "_")
+            w = t.weights[role]
+            best = search_clip(w, self.cfg.weight, candidates.to(w.device), col_weights.get(role))
+            logit = LWC_SEARCH.to(w.device)[best]
+            self.lwc[f"{key}_max"].copy_(logit)
+            self.lwc[f"{key}_min"].copy_(logit)
 
     def _apply_let(self, weights: dict, biases: dict, norms: dict) -> None:
         """Norms first, then each weight in forward order: its input-column scale, then its row scales.
@@ -254,8 +274,20 @@ class QuantBlock(nn.Module):
     def fuse_(self) -> dict[str, dict[str, torch.Tensor]]:
         """Write transformed fake-quantized weights into the HF modules; returns scales/zeros per stored
         weight (the views of a fused linear concatenated in row order)."""
-        dtype = self.layer.get_submodule(self.adapter.attn_norm).weight.dtype
         t = self.transformed()
+        self._write(t)
+        return merge_qparams(self.layout, t.qparams) if t.qparams else {}
+
+    @torch.no_grad()
+    def fuse_transform_(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Write the LET-transformed weights, still unquantized, into the HF modules (for a rounding
+        method such as GPTQ to quantize); returns each quantized role's LWC ``(scale, zero)``."""
+        t = self.transformed(quantize=False)
+        self._write(t)
+        return t.qparams
+
+    def _write(self, t: Transformed) -> None:
+        dtype = self.layer.get_submodule(self.adapter.attn_norm).weight.dtype
         for role, view in self.layout.views.items():
             view.weight(self.layer).copy_(t.weights[role].to(dtype))
             bias = view.bias(self.layer)
@@ -269,7 +301,6 @@ class QuantBlock(nn.Module):
         self.fused = True
         self.lwc = nn.ParameterDict()
         self.let = nn.ParameterDict()
-        return merge_qparams(self.layout, t.qparams) if t.qparams else {}
 
     @torch.no_grad()
     def fold_(self, pair: Pair, s: torch.Tensor) -> None:

@@ -8,7 +8,8 @@ finished block, so a killed run restarts at the first unfinished block with an i
 from __future__ import annotations
 
 import contextlib
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
+from typing import Callable
 
 import torch
 from torch import nn
@@ -16,10 +17,14 @@ from torch import nn
 from omniquant import act_stats as act_stats_lib
 from omniquant.block import BlockConfig, QuantBlock
 from omniquant.errors import UserError
-from omniquant.runner import BlockJob, BlockRecord, Runner, StepResult, default_device, fp_block
+from omniquant.runner import BlockJob, BlockRecord, Runner, StepResult, default_device, fp_block, hessians
 from omniquant.setting import QuantSetting
 
 NAN_POLICIES = ("raise", "retry")
+LWC_INITS = ("sigmoid", "search")  # σ(4) everywhere (paper) | per-group clip search
+LR_SCHEDULES = ("constant", "cosine")  # constant (paper) | cosine decay to 0 over the block's steps
+ROUNDINGS = ("rtn", "gptq")  # final rounding: nearest (paper) | GPTQ on the learned clipping ranges
+RoundLayer = Callable[..., StepResult]  # (job, fixed=per-role learned (scale, zero)) -> the rounded layer
 
 
 class CalibrationDiverged(UserError):
@@ -42,10 +47,15 @@ class CalibConfig:
     amp: str = "auto"  # auto: bf16 autocast on GPU (fp32 for 8-bit settings), fp32 on CPU
     nan_policy: str = "raise"
     nan_retries: int = 3
+    lwc_init: str = "sigmoid"
+    lr_schedule: str = "constant"
+    rounding: str = "rtn"
 
     def __post_init__(self) -> None:
-        if self.nan_policy not in NAN_POLICIES:
-            raise UserError(f"nan_policy={self.nan_policy!r} is unknown; use one of {', '.join(NAN_POLICIES)}")
+        for key, allowed in (("nan_policy", NAN_POLICIES), ("lwc_init", LWC_INITS), ("lr_schedule", LR_SCHEDULES),
+                             ("rounding", ROUNDINGS)):
+            if getattr(self, key) not in allowed:
+                raise UserError(f"{key}={getattr(self, key)!r} is unknown; use one of {', '.join(allowed)}")
         if self.weight_stat not in ("abs", "signed"):
             raise UserError(f"let_weight_stat={self.weight_stat!r} is unknown; use abs or signed")
         if self.epochs < 0 or self.batch_size < 1:
@@ -78,6 +88,9 @@ def _train_block(qblock: QuantBlock, job: BlockJob, targets: list[torch.Tensor],
         if not params:
             return
         opt = torch.optim.AdamW(groups, weight_decay=cc.wd)
+        steps = cc.epochs * -(-q_in.shape[0] // cc.batch_size)
+        schedule = (torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps) if cc.lr_schedule == "cosine"
+                    else None)
         record.epoch_loss, record.epoch_grad_norm = [], []
         try:
             for epoch in range(cc.epochs):
@@ -94,6 +107,8 @@ def _train_block(qblock: QuantBlock, job: BlockJob, targets: list[torch.Tensor],
                     loss.backward()
                     norms.append(torch.nn.utils.clip_grad_norm_(params, float("inf")).item())
                     opt.step()
+                    if schedule is not None:
+                        schedule.step()
                     losses.append(loss.item())
                 bad = next((n for n, v in qblock.named_parameters() if v.requires_grad and not v.isfinite().all()), None)
                 if bad is not None:
@@ -124,15 +139,21 @@ def calibrate(
     state_dir=None,
     saved_params: dict[str, torch.Tensor] | None = None,
     device: torch.device | None = None,
+    round_layer: RoundLayer | None = None,
 ) -> tuple[dict, dict[str, torch.Tensor], list[BlockRecord]]:
     """Quantize ``model`` (kept on CPU) in place, block by block.
 
     Returns ``(qparams, learned_params, block_records)``. ``saved_params`` (a learned-parameter
-    file) with ``epochs=0`` rebuilds a previous result without training.
+    file) with ``epochs=0`` rebuilds a previous result without training. ``round_layer`` (needed by
+    ``rounding=gptq``) quantizes a layer in place keeping each role's learned scales and zeros.
     """
     device = default_device(device)
     if cc.let and stats is None and saved_params is None:
         raise UserError("LET needs activation statistics: run the act_stats stage first")
+    rounding = cc.rounding != "rtn" and setting.weight_spec is not None
+    if rounding and round_layer is None:
+        raise UserError(f"rounding={cc.rounding} needs its rounding method")
+    search = cc.lwc_init == "search" and cc.lwc and setting.weight_spec is not None and saved_params is None
     train = cc.epochs > 0
     bcfg = block_config(setting, cc)
 
@@ -144,14 +165,19 @@ def calibrate(
         own = _params_for(saved_params, job.prefix)
         if own:
             qblock.load_state_dict(own, strict=False)
+        if search:
+            qblock.init_lwc_search(_input_second_moments(job, qblock))
         if train:
             targets = [job.fp_out] + ([job.run(fp_block(job.layer), job.q_in)] if cc.aug_loss else [])
             _train_block(qblock, job, targets, cc, setting, device)
         learned = {k: v.detach().cpu().clone() for k, v in qblock.state_dict().items()
                    if k.startswith(("lwc.", "let."))}
+        if rounding:
+            return replace(round_layer(job, fixed=qblock.fuse_transform_()), learned=learned)
         return StepResult(qblock, qblock.fuse_(), learned)
 
-    runner = Runner(model, setting, windows if train else None, device, chains=("fp", "q") if train else (),
+    chains = ("fp", "q") if train else ("q",) if search or rounding else ()
+    runner = Runner(model, setting, windows if chains else None, device, chains=chains,
                     forward_batch=cc.batch_size, autocast=lambda: _autocast(device, setting, cc.amp),
                     state_dir=state_dir, key={"method": asdict(cc), "saved_params": saved_params, "act_stats": stats})
     return runner.run(step, f"omniquant {setting.name}")
@@ -161,3 +187,12 @@ def _params_for(saved: dict[str, torch.Tensor] | None, prefix: str) -> dict[str,
     if not saved:
         return {}
     return {k[len(prefix) + 1:]: v for k, v in saved.items() if k.startswith(prefix + ".")}
+
+
+def _input_second_moments(job: BlockJob, qblock: QuantBlock) -> dict[str, torch.Tensor]:
+    """Per quantized role, the mean square of each input channel over the block's calibration inputs
+    (the diagonal of the layer's Hessian, up to a factor)."""
+    quantized = qblock.layout.quantized
+    groups = [g for group in qblock.layout.groups if (g := tuple(r for r in group if r in quantized))]
+    h = hessians(job, qblock, [g[0] for g in groups], job.q_in)
+    return {role: h[g[0]].diagonal() for g in groups if g[0] in h for role in g}

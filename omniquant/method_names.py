@@ -8,10 +8,17 @@ from __future__ import annotations
 from omniquant.errors import UserError
 from omniquant.setting import QuantSetting
 
-NAMES = ("fp", "rtn", "omniquant", "gptq", "awq", "smoothquant")  # each lives in omniquant/methods/<name>.py
-NEEDS_CALIBRATION = {"omniquant", "gptq", "awq", "smoothquant"}
-NEEDS_ACT_STATS = {"omniquant", "smoothquant"}  # per-channel activation maxima (LET init, smoothing)
+# each lives in omniquant/methods/<family>.py
+NAMES = ("fp", "rtn", "omniquant", "omniquant-paper", "gptq", "awq", "smoothquant")
+FAMILIES = {"omniquant-paper": "omniquant"}  # a name for another recipe of a method: its family
+NEEDS_CALIBRATION = {"omniquant", "omniquant-paper", "gptq", "awq", "smoothquant"}
+NEEDS_ACT_STATS = {"omniquant", "omniquant-paper", "smoothquant"}  # per-channel activation maxima (LET, smoothing)
 WEIGHT_METHODS = {"gptq", "awq"}  # methods that only act on weights
+
+
+def family(name: str) -> str:
+    """The method a name runs (its config is ``quant.<family>.*`` in a setting)."""
+    return FAMILIES.get(name, name)
 
 
 def validate(name: str, setting: QuantSetting) -> None:

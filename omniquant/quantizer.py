@@ -160,3 +160,28 @@ def quantize_activation(x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     """Per-token (last axis) fake quantization of an activation tensor of any rank."""
     q, scale, zero = quantize_groups(x, spec)
     return (q - zero) * scale
+
+
+@torch.no_grad()
+def search_clip(w: torch.Tensor, spec: QuantSpec, candidates: torch.Tensor,
+                col_weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Per group of ``w``, the index into ``candidates`` (clip factors applied to both the group's max and
+    min, as LWC's ``σ(γ)``, ``σ(β)``) with the lowest quantization error ``Σ c_j (w_j - Q(w)_j)²``.
+
+    ``col_weight`` ``[in]`` weighs each input column (the mean square of that input: the diagonal of the
+    layer's Hessian, so the error approximates the output error); ``None`` weighs all columns alike.
+    Returns ``[rows * n_groups, 1]`` indices (the first candidate wins ties).
+    """
+    groups, pad = to_groups(w.float(), spec.group_size)
+    cw = torch.ones_like(w, dtype=torch.float32) if col_weight is None else col_weight.float().expand_as(w)
+    cw = torch.nn.functional.pad(cw.reshape(-1, w.shape[-1]), (0, pad)).reshape_as(groups)  # padding weighs 0
+    best_err = torch.full((groups.shape[0], 1), float("inf"), device=w.device)
+    best = torch.zeros((groups.shape[0], 1), dtype=torch.long, device=w.device)
+    for k, factor in enumerate(candidates.tolist()):
+        clip = torch.full_like(best_err, factor)
+        q, scale, zero = quantize_groups(groups, spec, clip, clip)
+        err = (cw * (groups - (q - zero) * scale).pow(2)).sum(-1, keepdim=True)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best = torch.where(better, torch.full_like(best, k), best)
+    return best

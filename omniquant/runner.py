@@ -19,7 +19,7 @@ import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, ContextManager
+from typing import Any, Callable, ContextManager, Sequence
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -302,3 +302,25 @@ def _block_state(layer: nn.Module, result: StepResult) -> dict[str, torch.Tensor
 
 def _chains(fp_in: torch.Tensor | None, q_in: torch.Tensor | None) -> dict[str, torch.Tensor]:
     return {k: v for k, v in (("fp_in", fp_in), ("q_in", q_in)) if v is not None}
+
+
+@torch.no_grad()
+def hessians(job: BlockJob, block: QuantBlock, roles: Sequence[str], x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """``2/n Σ x xᵀ`` over the ``n`` calibration tokens entering each named linear of the block."""
+    sums: dict[str, torch.Tensor] = {}
+    counts = dict.fromkeys(roles, 0)
+
+    def accumulate(role: str):
+        def fn(inp: torch.Tensor) -> None:
+            flat = inp.reshape(-1, inp.shape[-1]).float()
+            sums[role] = sums[role] + flat.T @ flat if role in sums else flat.T @ flat
+            counts[role] += flat.shape[0]
+
+        return fn
+
+    block.taps = {role: accumulate(role) for role in roles}
+    try:
+        job.run(block, x)
+    finally:
+        block.taps = {}
+    return {role: 2 * sums[role] / counts[role] for role in roles if role in sums}

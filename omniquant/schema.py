@@ -113,10 +113,12 @@ OMNIQUANT = {  # method.*, and the same knobs as a setting's paper values (quant
     "wd": NON_NEGATIVE, "batch_size": POSITIVE.or_null, "aug_loss": BOOL.or_null, "alpha": FRACTION.or_null,
     "let_weight_stat": one_of("abs", "signed"), "let_tie_rope": BOOL, "amp": one_of("auto", "off", "bf16", "fp16"),
     "nan_policy": one_of("raise", "retry"), "nan_retries": COUNT, "resume": BOOL, "resume_params": TEXT.or_null,
+    "lwc_init": one_of("sigmoid", "search").or_null, "lr_schedule": one_of("constant", "cosine").or_null,
+    "rounding": one_of("rtn", "gptq").or_null,
 }
 METHODS: dict[str, dict[str, Allowed]] = {
     "fp": {}, "rtn": {},
-    "omniquant": OMNIQUANT,
+    "omniquant": OMNIQUANT, "omniquant-paper": OMNIQUANT,
     "gptq": {"percdamp": RATE, "block_size": POSITIVE, "act_order": BOOL, "true_sequential": BOOL},
     "awq": {"n_grid": POSITIVE, "clip": BOOL},
     "smoothquant": {"alpha": FRACTION},

@@ -26,7 +26,7 @@ from omniquant.zeroshot import AVERAGED
 
 SETTING_ORDER = ["fp16", "w4a16g128", "w4a16g64", "w4a16g32", "w4a16", "w3a16g128", "w3a16g64", "w3a16",
                  "w2a16g128", "w2a16g64", "w2a16", "w8a8", "w6a6", "w4a8", "w4a4"]
-METHOD_ORDER = ["fp", "rtn", "gptq", "awq", "smoothquant", "omniquant"]
+METHOD_ORDER = ["fp", "rtn", "gptq", "awq", "smoothquant", "omniquant-paper", "omniquant"]
 KIND = re.compile(r"\.(zeroshot|zeroshot_full|packed|mlc|speed)\.json$")  # no suffix: perplexity
 TASK_TITLES = {"piqa": "PIQA", "arc_easy": "ARC-e", "arc_challenge": "ARC-c", "boolq": "BoolQ",
                "hellaswag": "HellaSwag", "winogrande": "WinoGrande"}

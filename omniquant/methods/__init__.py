@@ -27,7 +27,8 @@ Method = Callable[[nn.Module, QuantSetting, Mapping[str, Any], torch.Tensor | No
 
 # name -> implementation; each lives in omniquant/methods/<name>.py
 METHODS: dict[str, Method] = {"fp": fp.quantize, "rtn": rtn.quantize, "omniquant": omniquant.quantize,
-                              "gptq": gptq.quantize, "awq": awq.quantize, "smoothquant": smoothquant.quantize}
+                              "omniquant-paper": omniquant.quantize_paper, "gptq": gptq.quantize,
+                              "awq": awq.quantize, "smoothquant": smoothquant.quantize}
 assert tuple(METHODS) == NAMES
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping
 
 import torch
 from torch import nn
@@ -24,7 +24,7 @@ from omniquant.block import BlockConfig, QuantBlock, merge_qparams
 from omniquant.errors import UserError
 from omniquant.methods.base import MethodContext, QuantResult, method_config
 from omniquant.quantizer import QuantSpec, qparams
-from omniquant.runner import BlockJob, Runner, StepResult
+from omniquant.runner import BlockJob, Runner, StepResult, hessians
 from omniquant.setting import QuantSetting
 
 
@@ -42,15 +42,22 @@ class GPTQConfig:
 
 
 @torch.no_grad()
-def gptq(weight: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec,
-         cfg: GPTQConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Quantized weight ``[out, in]`` on ``spec``'s grid, with its scales and zeros ``[out, n_groups]``."""
+def gptq(weight: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec, cfg: GPTQConfig,
+         fixed: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Quantized weight ``[out, in]`` on ``spec``'s grid, with its scales and zeros ``[out, n_groups]``.
+
+    ``fixed``: the groups' scales and zeros to use (e.g. OmniQuant's learned clipping ranges) instead of
+    the min/max of the weights."""
     w = weight.detach().float().clone()
     h = hessian.float().clone()
     rows, cols = w.shape
     g = spec.group_size or cols
-    scales = w.new_empty(rows, -(-cols // g))
-    zeros = torch.empty_like(scales)
+    static = cfg.act_order or fixed is not None
+    if fixed is None:
+        scales = w.new_empty(rows, -(-cols // g))
+        zeros = torch.empty_like(scales)
+    else:
+        scales, zeros = (p.to(w).reshape(rows, -1).clone() for p in fixed)
 
     def set_group(k: int, current: torch.Tensor) -> None:
         cols_k = current[:, k * g:(k + 1) * g]
@@ -60,8 +67,9 @@ def gptq(weight: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec,
     h.diagonal()[dead] = 1
     w[:, dead] = 0
     if cfg.act_order:
-        for k in range(scales.shape[1]):
-            set_group(k, w)
+        if fixed is None:
+            for k in range(scales.shape[1]):
+                set_group(k, w)
         perm = torch.argsort(h.diagonal(), descending=True)
         w, h = w[:, perm], h[perm][:, perm]
     else:
@@ -70,13 +78,13 @@ def gptq(weight: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec,
     u = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
     group_of = (perm // g).tolist()
     # Lazy batches hold whole groups, so a group's min/max sees all updates made so far.
-    batch = g * max(1, cfg.block_size // g) if spec.group_size and not cfg.act_order else cfg.block_size
+    batch = g * max(1, cfg.block_size // g) if spec.group_size and not static else cfg.block_size
     q = torch.zeros_like(w)
     for i1 in range(0, cols, batch):
         i2 = min(i1 + batch, cols)
         err = w.new_zeros(rows, i2 - i1)
         for j in range(i1, i2):
-            if not cfg.act_order and j % g == 0:
+            if not static and j % g == 0:
                 set_group(j // g, w)
             s, z = scales[:, group_of[j]], zeros[:, group_of[j]]
             q[:, j] = (torch.clamp(torch.round(w[:, j] / s) + z, 0, spec.qmax) - z) * s
@@ -87,32 +95,13 @@ def gptq(weight: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec,
     return q[:, torch.argsort(perm)], scales, zeros
 
 
-@torch.no_grad()
-def hessians(job: BlockJob, block: QuantBlock, roles: Sequence[str], x: torch.Tensor) -> dict[str, torch.Tensor]:
-    """``2/n Σ x xᵀ`` over the ``n`` calibration tokens entering each named linear of the block."""
-    sums: dict[str, torch.Tensor] = {}
-    counts = dict.fromkeys(roles, 0)
-
-    def accumulate(role: str):
-        def fn(inp: torch.Tensor) -> None:
-            flat = inp.reshape(-1, inp.shape[-1]).float()
-            sums[role] = sums[role] + flat.T @ flat if role in sums else flat.T @ flat
-            counts[role] += flat.shape[0]
-
-        return fn
-
-    block.taps = {role: accumulate(role) for role in roles}
-    try:
-        job.run(block, x)
-    finally:
-        block.taps = {}
-    return {role: 2 * sums[role] / counts[role] for role in roles if role in sums}
-
-
-def gptq_step(job: BlockJob, cfg: GPTQConfig) -> StepResult:
-    """GPTQ every quantized weight of one layer in place, group by group of the adapter."""
-    setting = job.runner.setting
-    spec = setting.weight_spec
+def gptq_layer(job: BlockJob, cfg: GPTQConfig,
+               fixed: Mapping[str, tuple[torch.Tensor, torch.Tensor]] | None = None
+               ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """GPTQ every quantized weight of ``job.layer`` in place, group by group of the adapter (inputs from
+    the quantized chain); returns each role's scales and zeros. ``fixed``: per role, the group
+    parameters to keep (see :func:`gptq`)."""
+    spec = job.runner.setting.weight_spec
     block = QuantBlock(job.layer, BlockConfig(weight=None))
     block.fused = True  # the layer's own weights, updated as the groups are quantized
     views = block.layout.quantized
@@ -127,15 +116,22 @@ def gptq_step(job: BlockJob, cfg: GPTQConfig) -> StepResult:
                 # an expert no calibration token was routed to: H = I, i.e. round to nearest
                 hessian = h.get(group[0], torch.eye(weight.shape[1], device=weight.device))
                 try:
-                    w, scales, zeros = gptq(weight, hessian, spec, cfg)
+                    w, scales, zeros = gptq(weight, hessian, spec, cfg, None if fixed is None else fixed[role])
                 except torch.linalg.LinAlgError:
                     raise UserError(f"gptq: the damped Hessian of {job.prefix}.{views[role].name} is not positive "
                                     f"definite; raise method.percdamp (now {cfg.percdamp})") from None
                 weight.copy_(w)
                 per_role[role] = (scales, zeros)
-    out = QuantBlock(job.layer, BlockConfig(weight=None, act=setting.act_spec))
+    return per_role
+
+
+def gptq_step(job: BlockJob, cfg: GPTQConfig,
+              fixed: Mapping[str, tuple[torch.Tensor, torch.Tensor]] | None = None) -> StepResult:
+    """GPTQ every quantized weight of one layer in place (``fixed``: see :func:`gptq_layer`)."""
+    per_role = gptq_layer(job, cfg, fixed)
+    out = QuantBlock(job.layer, BlockConfig(weight=None, act=job.runner.setting.act_spec))
     out.fused = True
-    return StepResult(out, merge_qparams(block.layout, per_role))
+    return StepResult(out, merge_qparams(out.layout, per_role))
 
 
 def quantize(model: nn.Module, setting: QuantSetting, cfg: Mapping[str, Any], calib: torch.Tensor,

@@ -31,7 +31,8 @@ def _method_inputs(cfg: DictConfig, cell: Cell, model, calib: torch.Tensor | Non
         return options
     if calib is None:
         raise UserError(f"method={cell.method} needs calibration data: run the calib_data stage first")
-    overrides = OmegaConf.to_container(cfg.quant.get(cell.method) or OmegaConf.create({}), resolve=True)
+    overrides = OmegaConf.to_container(cfg.quant.get(method_names.family(cell.method)) or OmegaConf.create({}),
+                                     resolve=True)
     stats = None
     if cell.method in method_names.NEEDS_ACT_STATS:
         stats = cached_stats(cfg, cell, calib)
