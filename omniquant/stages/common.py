@@ -124,6 +124,8 @@ def finish(cfg: DictConfig, cell: Cell, results: dict[str, Any], record: dict[st
     Zero-shot and packed metrics go into the MLflow run of the cell's perplexity evaluation when there is one.
     """
     results = results | {k: record[k] for k in RECORD_METRICS if k in record} | {"eval_peak_rss_gb": peak_rss_gb()}
+    if record.get("blocks") and any(b["epoch_loss"] for b in record["blocks"]):  # OmniQuant: each block's curve
+        results["block_epoch_loss"] = [b["epoch_loss"] for b in record["blocks"]]
     metrics = {"model": cell.model, "setting": cell.setting.name, "method": cell.method} | results
     grid = cfg.model.get("weight_grid")
     if grid:
