@@ -17,14 +17,15 @@ from torch import nn
 from omniquant import act_stats as act_stats_lib
 from omniquant.block import BlockConfig, QuantBlock
 from omniquant.errors import UserError
-from omniquant.runner import BlockJob, BlockRecord, Runner, StepResult, default_device, fp_block, hessians
+from omniquant.runner import (BlockJob, BlockRecord, Runner, StepResult, default_device, fp_block, input_groups,
+                              layer_hessians)
 from omniquant.setting import QuantSetting
 
 NAN_POLICIES = ("raise", "retry")
 LWC_INITS = ("sigmoid", "search")  # σ(4) everywhere (paper) | per-group clip search
 LR_SCHEDULES = ("constant", "cosine")  # constant (paper) | cosine decay to 0 over the block's steps
 ROUNDINGS = ("rtn", "gptq")  # final rounding: nearest (paper) | GPTQ on the learned clipping ranges
-RoundLayer = Callable[..., StepResult]  # (job, fixed=per-role learned (scale, zero)) -> the rounded layer
+RoundLayer = Callable[..., StepResult]  # (job, fixed=per-role (scale, zero), layer_h=Hessians or None) -> result
 
 
 class CalibrationDiverged(UserError):
@@ -165,15 +166,20 @@ def calibrate(
         own = _params_for(saved_params, job.prefix)
         if own:
             qblock.load_state_dict(own, strict=False)
+        # the layer's Hessians before training: the search's column weights, and GPTQ's Hessians unless LET
+        # changes the inputs (then GPTQ takes them again on the transformed layer)
+        layer_h = layer_hessians(job) if search or rounding else None
         if search:
-            qblock.init_lwc_search(_input_second_moments(job, qblock))
+            qblock.init_lwc_search({role: layer_h[g[0]].diagonal() for g in input_groups(qblock) if g[0] in layer_h
+                                    for role in g})
         if train:
             targets = [job.fp_out] + ([job.run(fp_block(job.layer), job.q_in)] if cc.aug_loss else [])
             _train_block(qblock, job, targets, cc, setting, device)
         learned = {k: v.detach().cpu().clone() for k, v in qblock.state_dict().items()
                    if k.startswith(("lwc.", "let."))}
         if rounding:
-            return replace(round_layer(job, fixed=qblock.fuse_transform_()), learned=learned)
+            return replace(round_layer(job, fixed=qblock.fuse_transform_(), layer_h=None if cc.let else layer_h),
+                           learned=learned)
         return StepResult(qblock, qblock.fuse_(), learned)
 
     chains = ("fp", "q") if train else ("q",) if search or rounding else ()
@@ -187,12 +193,3 @@ def _params_for(saved: dict[str, torch.Tensor] | None, prefix: str) -> dict[str,
     if not saved:
         return {}
     return {k[len(prefix) + 1:]: v for k, v in saved.items() if k.startswith(prefix + ".")}
-
-
-def _input_second_moments(job: BlockJob, qblock: QuantBlock) -> dict[str, torch.Tensor]:
-    """Per quantized role, the mean square of each input channel over the block's calibration inputs
-    (the diagonal of the layer's Hessian, up to a factor)."""
-    quantized = qblock.layout.quantized
-    groups = [g for group in qblock.layout.groups if (g := tuple(r for r in group if r in quantized))]
-    h = hessians(job, qblock, [g[0] for g in groups], job.q_in)
-    return {role: h[g[0]].diagonal() for g in groups if g[0] in h for role in g}

@@ -324,3 +324,17 @@ def hessians(job: BlockJob, block: QuantBlock, roles: Sequence[str], x: torch.Te
     finally:
         block.taps = {}
     return {role: 2 * sums[role] / counts[role] for role in roles if role in sums}
+
+
+def input_groups(block: QuantBlock) -> list[tuple[str, ...]]:
+    """The block's quantized roles grouped by the input they share (forward order; the adapter's groups)."""
+    quantized = block.layout.quantized
+    return [g for group in block.layout.groups if (g := tuple(r for r in group if r in quantized))]
+
+
+def layer_hessians(job: BlockJob) -> dict[str, torch.Tensor]:
+    """:func:`hessians` of each input group's first role, from one forward of the layer as it is now on the
+    quantized chain's inputs."""
+    block = QuantBlock(job.layer, BlockConfig(weight=None))
+    block.fused = True
+    return hessians(job, block, [g[0] for g in input_groups(block)], job.q_in)

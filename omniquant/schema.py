@@ -247,7 +247,7 @@ def validate(cfg: Mapping[str, Any], groups: Iterable[str] | None = None) -> Non
         "method": lambda: check_method(cfg["method"], cfg["quant"]),
         "data": lambda: check_data(cfg["data"], context),
         "calibration": lambda: _check_keys("calibration", cfg.get("calibration"),
-                                           {"epochs": COUNT, "batch_size": POSITIVE}),
+                                           {"epochs": COUNT, "batch_size": POSITIVE, "weight_only_epochs": COUNT}),
         "eval": lambda: check_eval(cfg["eval"], context),
         "bench": lambda: check_bench(cfg["bench"]),
         "grid": lambda: check_grid(cfg["grid"]),

@@ -27,7 +27,7 @@ from omniquant.zeroshot import AVERAGED
 SETTING_ORDER = ["fp16", "w4a16g128", "w4a16g64", "w4a16g32", "w4a16", "w3a16g128", "w3a16g64", "w3a16",
                  "w2a16g128", "w2a16g64", "w2a16", "w8a8", "w6a6", "w4a8", "w4a4"]
 METHOD_ORDER = ["fp", "rtn", "gptq", "awq", "smoothquant", "omniquant-paper", "omniquant"]
-KIND = re.compile(r"\.(zeroshot|zeroshot_full|packed|mlc|speed)\.json$")  # no suffix: perplexity
+KIND = re.compile(r"\.(zeroshot|zeroshot_full|packed|mlc|speed|seed)\d*\.json$")  # no suffix: perplexity
 TASK_TITLES = {"piqa": "PIQA", "arc_easy": "ARC-e", "arc_challenge": "ARC-c", "boolq": "BoolQ",
                "hellaswag": "HellaSwag", "winogrande": "WinoGrande"}
 ZEROSHOT_COLUMNS = [(task, TASK_TITLES[task]) for task in AVERAGED]  # the paper's six, in its order
@@ -82,6 +82,7 @@ class Records:
     packed: list[Metrics]
     mlc: list[Metrics]
     speed: list[Metrics]
+    seed: list[Metrics]  # perplexity of a cell at other calibration seeds (``<method>.seed<N>.json``)
 
 
 def impossible(m: Metrics) -> str | None:
@@ -102,7 +103,7 @@ def impossible(m: Metrics) -> str | None:
 def load_metrics(root: str | Path, models: Sequence[str] | None = None) -> Records:
     """Every metrics file under ``root`` (``root/<model>`` of ``models`` only, if given), by kind; a record
     with impossible figures is skipped, with one line naming it."""
-    kinds: dict[str, list[Metrics]] = {"ppl": [], "zeroshot": [], "packed": [], "mlc": [], "speed": []}
+    kinds: dict[str, list[Metrics]] = {"ppl": [], "zeroshot": [], "packed": [], "mlc": [], "speed": [], "seed": []}
     folders = [Path(root)] if models is None else [Path(root) / model for model in models]
     for path in sorted(p for folder in folders for p in folder.rglob("*.json")):
         match = KIND.search(path.name)
@@ -139,16 +140,36 @@ def _grid(rows: list[Metrics], cell: Callable[[str, Metrics | None], list[str]],
     return models, out
 
 
-def table1(ppl: Sequence[Metrics]) -> Table:
-    """Weight-only perplexity (and the FP row), with the paper's LLaMA-2-7B WikiText-2 column."""
+def _seeded(m: Metrics, seeds: Sequence[Metrics], key: str) -> str:
+    """``mean ± std (n seeds)`` of ``key`` over the cell and its other-seed runs, or the cell's value alone."""
+    same = [s for s in seeds if (s["model"], s["setting"], s["method"]) == (m["model"], m["setting"], m["method"])]
+    values = [r[key] for r in [m, *same] if r.get(key) is not None]
+    if len(values) < 2:
+        return fmt_ppl(m.get(key))
+    mean = sum(values) / len(values)
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+    return f"{fmt_ppl(mean)} ± {fmt_ppl(std)} ({len(values)})"
+
+
+def table1(ppl: Sequence[Metrics], seeds: Sequence[Metrics] = ()) -> Table:
+    """Weight-only perplexity (and the FP row), with the paper's LLaMA-2-7B WikiText-2 column; cells run at
+    several calibration seeds show mean ± sample std (number of seeds)."""
     rows = [m for m in ppl if m["setting"] == "fp16" or bits(m["setting"])[1] == 16]
-    models, body = _grid(rows, lambda _model, m: [fmt_ppl(m.get("wikitext2_ppl")), fmt_ppl(m.get("ptb_ppl"))], 2)
+    models, body = _grid(rows, lambda _model, m: [_seeded(m, seeds, "wikitext2_ppl"), _seeded(m, seeds, "ptb_ppl")],
+                         2)
     for row in body:
         row.append(fmt_ppl(paper.TABLE1_WIKITEXT2.get((row[0], row[1]))))
     columns = ["setting", "method"] + [f"{model} {name}" for model in models for name in ("WikiText-2", "PTB")]
     columns.append(f"paper {paper.TABLE1_MODEL} WikiText-2")
+    notes = [f"The last column is the paper's (Table 1, {paper.TABLE1_MODEL}), not ours.",
+             "omniquant-paper: the paper's recipe (σ(4) LWC start, constant learning rate, round to nearest); "
+             "omniquant: our default (clip-search start, cosine schedule, GPTQ rounding on the learned ranges; "
+             "README \"OmniQuant recipe\")."]
+    if seeds:
+        notes.append("a ± b (n): mean and sample standard deviation over n calibration seeds (windows drawn anew); "
+                     "a gap under two standard deviations is not a win.")
     return Table("Table 1 — weight-only quantization, perplexity (seqlen 2048)", columns, body,
-                 _window_notes(rows) + [f"The last column is the paper's (Table 1, {paper.TABLE1_MODEL}), not ours."])
+                 _window_notes(rows) + notes)
 
 
 def _window_notes(rows: Sequence[Metrics]) -> list[str]:
@@ -330,7 +351,7 @@ def write_tables(metrics_root: str | Path, out: str | Path, metric: str = "acc",
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     written = []
-    tables = (("table1", table1(records.ppl)), ("table2", table2(records.zeroshot, metric)),
+    tables = (("table1", table1(records.ppl, records.seed)), ("table2", table2(records.zeroshot, metric)),
               ("tableA1", tableA1(records.ppl)), ("table_packed", table_packed(records.packed, records.ppl)),
               ("table3", table3(records.speed, records.mlc)))
     for name, table in tables:

@@ -24,7 +24,7 @@ from omniquant.block import BlockConfig, QuantBlock, merge_qparams
 from omniquant.errors import UserError
 from omniquant.methods.base import MethodContext, QuantResult, method_config
 from omniquant.quantizer import QuantSpec, qparams
-from omniquant.runner import BlockJob, Runner, StepResult, hessians
+from omniquant.runner import BlockJob, Runner, StepResult, hessians, input_groups
 from omniquant.setting import QuantSetting
 
 
@@ -96,20 +96,22 @@ def gptq(weight: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec, cfg: GPTQ
 
 
 def gptq_layer(job: BlockJob, cfg: GPTQConfig,
-               fixed: Mapping[str, tuple[torch.Tensor, torch.Tensor]] | None = None
-               ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+               fixed: Mapping[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
+               layer_h: Mapping[str, torch.Tensor] | None = None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """GPTQ every quantized weight of ``job.layer`` in place, group by group of the adapter (inputs from
     the quantized chain); returns each role's scales and zeros. ``fixed``: per role, the group
-    parameters to keep (see :func:`gptq`)."""
+    parameters to keep (see :func:`gptq`); ``layer_h``: the layer's Hessians (:func:`layer_hessians`),
+    when already taken on its current weights (not with ``true_sequential``)."""
     spec = job.runner.setting.weight_spec
     block = QuantBlock(job.layer, BlockConfig(weight=None))
     block.fused = True  # the layer's own weights, updated as the groups are quantized
     views = block.layout.quantized
-    groups = [tuple(r for r in g if r in views) for g in block.layout.groups]
+    groups = input_groups(block)
     steps = [[g] for g in groups] if cfg.true_sequential else [groups]
     per_role: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     for step in steps:
-        h = hessians(job, block, [g[0] for g in step], job.q_in)
+        h = layer_h if layer_h is not None and not cfg.true_sequential else \
+            hessians(job, block, [g[0] for g in step], job.q_in)
         for group in step:
             for role in group:
                 weight = views[role].weight(job.layer)
@@ -125,10 +127,10 @@ def gptq_layer(job: BlockJob, cfg: GPTQConfig,
     return per_role
 
 
-def gptq_step(job: BlockJob, cfg: GPTQConfig,
-              fixed: Mapping[str, tuple[torch.Tensor, torch.Tensor]] | None = None) -> StepResult:
-    """GPTQ every quantized weight of one layer in place (``fixed``: see :func:`gptq_layer`)."""
-    per_role = gptq_layer(job, cfg, fixed)
+def gptq_step(job: BlockJob, cfg: GPTQConfig, fixed: Mapping[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
+              layer_h: Mapping[str, torch.Tensor] | None = None) -> StepResult:
+    """GPTQ every quantized weight of one layer in place (``fixed``, ``layer_h``: see :func:`gptq_layer`)."""
+    per_role = gptq_layer(job, cfg, fixed, layer_h)
     out = QuantBlock(job.layer, BlockConfig(weight=None, act=job.runner.setting.act_spec))
     out.fused = True
     return StepResult(out, merge_qparams(out.layout, per_role))

@@ -33,7 +33,11 @@ def calib_config(method_cfg: Mapping[str, Any], setting: QuantSetting) -> CalibC
     """
     weight_only = setting.act_spec is None
     values: dict[str, Any] = {"let": not weight_only} | (RECOMMENDED_WEIGHT_ONLY if weight_only else {})
-    sources = (method_cfg, method_cfg.get("profile") or {}, method_cfg.get("setting_defaults") or {})
+    profile = dict(method_cfg.get("profile") or {})
+    weight_only_epochs = profile.pop("weight_only_epochs", None)
+    if weight_only and weight_only_epochs is not None and method_cfg.get("rounding", "gptq") in (None, "gptq"):
+        profile["epochs"] = weight_only_epochs  # the budget GPTQ rounding and the clip search leave to training
+    sources = (method_cfg, profile, method_cfg.get("setting_defaults") or {})
     for key, field_name in KEYS.items():
         for source in sources:
             if source.get(key) is not None:

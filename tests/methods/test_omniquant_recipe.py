@@ -88,9 +88,9 @@ def test_gptq_rounding_lowers_the_output_error_of_rtn_rounding():
     assert errors["gptq"] < errors["rtn"]
 
 
-def _gptq_round(job, fixed):
+def _gptq_round(job, fixed, layer_h=None):
     from omniquant.methods.gptq import GPTQConfig, gptq_step
-    return gptq_step(job, GPTQConfig(), fixed)
+    return gptq_step(job, GPTQConfig(), fixed, layer_h)
 
 
 def test_cosine_schedule_changes_training_and_is_deterministic():
@@ -119,3 +119,11 @@ def test_unknown_recipe_values_are_one_line_errors():
         CalibConfig(lwc_init="grid")
     with pytest.raises(UserError, match="rounding='awq' is unknown"):
         CalibConfig(rounding="awq")
+
+
+def test_profile_weight_only_epochs_apply_only_to_gptq_rounded_weight_only_cells():
+    profile = {"epochs": 6, "batch_size": 4, "weight_only_epochs": 4}
+    assert calib_config({"profile": profile}, W3G32).epochs == 4
+    assert calib_config({"profile": profile, "rounding": "rtn"}, W3G32).epochs == 6
+    assert calib_config({"profile": profile}, W4A4).epochs == 6
+    assert calib_config({"profile": profile, "epochs": 2}, W3G32).epochs == 2

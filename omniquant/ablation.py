@@ -1,0 +1,185 @@
+"""Recipe ablations: rows of Hydra overrides over one cell, each run by ``run_cell``, collected as
+``metrics/ablation/<study>/<row>.json`` and reported as a table and two plots (block loss against
+optimizer step; perplexity against calibration seconds, beside the grid's baseline cells)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+
+from omniquant.errors import UserError
+from omniquant.layout import metrics_path
+from omniquant.metrics import write_json
+from omniquant.tables import Table, fmt_ppl
+
+CONF = Path(__file__).resolve().parents[1] / "conf" / "ablation"
+BASELINES = ("rtn", "gptq", "awq")  # grid cells drawn beside the rows in the time-to-quality plot
+
+
+@dataclass(frozen=True)
+class Study:
+    """``into: ablation`` (default) keeps rows under ``metrics/ablation/<study>/``; ``into: seeds`` writes each
+    row as its cell's other-seed run, ``metrics/<model>/<setting>/<method>.seed<N>.json`` (Table 1's ± std)."""
+
+    name: str
+    base: list[str]
+    rows: dict[str, dict[str, Any]]  # row -> {what, overrides}
+    into: str = "ablation"
+
+    @classmethod
+    def load(cls, name: str) -> "Study":
+        path = CONF / f"{name}.yaml"
+        if not path.is_file():
+            known = ", ".join(sorted(p.stem for p in CONF.glob("*.yaml")))
+            raise UserError(f"ablation study {name!r} is unknown; available: {known}")
+        spec = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+        if spec.get("into", "ablation") not in ("ablation", "seeds"):
+            raise UserError(f"{path}: into={spec['into']!r} is unknown; use ablation or seeds")
+        return cls(name, list(spec["base"]), spec["rows"], spec.get("into", "ablation"))
+
+    def option(self, key: str) -> str:
+        return next(o.split("=", 1)[1] for o in self.base if o.startswith(f"{key}="))
+
+    def metrics_file(self, root: Path, row: str) -> Path:
+        """Where a row's metrics are; a row with ``cell: <method>`` is that grid cell of the study's model and
+        setting (run by DVC, not by the study)."""
+        if "cell" in self.rows[row]:
+            return metrics_path(root, self.option("model"), self.option("quant"), self.rows[row]["cell"])
+        if self.into == "seeds":
+            opts = dict(o.split("=", 1) for o in self.base + self.rows[row]["overrides"])
+            return metrics_path(root, opts["model"], opts["quant"], opts["method"], f"seed{opts['seed']}")
+        return root / "metrics" / "ablation" / self.name / f"{row}.json"
+
+    def select(self, rows: list[str]) -> list[str]:
+        unknown = [r for r in rows if r not in self.rows]
+        if unknown:
+            raise UserError(f"ablation {self.name}: unknown row(s) {', '.join(unknown)}; "
+                            f"available: {', '.join(self.rows)}")
+        return rows or list(self.rows)
+
+
+def run(study: Study, rows: list[str], root: Path, force: bool = False) -> list[Path]:
+    """Run each row without a metrics file (all with ``force``); returns the files written."""
+    written = []
+    for row in study.select(rows):
+        target = study.metrics_file(root, row)
+        if "cell" in study.rows[row]:
+            print(f"ablation {study.name}/{row}: the grid cell {target} (dvc repro runs it)")
+            continue
+        if target.is_file() and not force:
+            print(f"ablation {study.name}/{row}: done ({target})")
+            continue
+        out = root / "artifacts" / "ablation" / study.name / row
+        shared, link = root / "artifacts" / "act_stats", out / "artifacts" / "act_stats"
+        if shared.is_dir() and not link.exists():  # the act_stats stage's file (key-checked before use)
+            link.parent.mkdir(parents=True, exist_ok=True)
+            link.symlink_to(shared)
+        overrides = study.base + study.rows[row]["overrides"]
+        cmd = [sys.executable, "-m", "pipelines.run_cell", *overrides, f"paths.out={out}",
+               f"paths.models={root / 'artifacts' / 'models'}", f"hydra.run.dir={out / 'hydra'}"]
+        print(f"ablation {study.name}/{row}: {' '.join(overrides)}", flush=True)
+        code = subprocess.run(cmd, cwd=root, env=os.environ | {"PYTHONUNBUFFERED": "1"}).returncode
+        if code:
+            raise UserError(f"ablation {study.name}/{row}: run_cell exited {code} (its output is above); "
+                            "the rows before it are kept")
+        made = sorted((out / "metrics").rglob("*.json"))
+        if len(made) != 1:
+            raise UserError(f"ablation {study.name}/{row}: expected one metrics file under {out / 'metrics'}")
+        metrics = json.loads(made[0].read_text())
+        written.append(write_json(target, metrics | {"row": row, "what": study.rows[row]["what"],
+                                                     "overrides": overrides}))
+    return written
+
+
+def _steps_per_epoch(m: dict[str, Any]) -> int:
+    return -(-int(m["calib_nsamples"]) // int(m["calib_batch_size"]))
+
+
+def load_rows(study: Study, root: Path) -> dict[str, dict[str, Any]]:
+    return {row: json.loads(p.read_text()) | {"what": spec["what"]} for row, spec in study.rows.items()
+            if (p := study.metrics_file(root, row)).is_file()}
+
+
+def table(study: Study, root: Path) -> Table:
+    rows = load_rows(study, root)
+    body = []
+    for row, m in rows.items():
+        curves = m.get("block_epoch_loss") or []
+        final = [c[-1] for c in curves if c]
+        body.append([row, m["what"], fmt_ppl(m.get("wikitext2_ppl")), fmt_ppl(m.get("ptb_ppl")),
+                     f"{m['quant_seconds']:.0f}", str(m.get("calib_epochs", 0) * _steps_per_epoch(m)),
+                     f"{final[-1]:.3g}" if final else "–"])
+    notes = [f"{study.option('model')} at {study.option('quant')}, profile {study.option('profile')}; every row "
+             "uses the same calibration windows and evaluation windows as the grid's cells "
+             "(`python -m pipelines.ablation run`). The model's weights already lie on a GGUF grid.",
+             "steps/block: optimizer steps per block; last-block loss: the final epoch's mean MSE of block 30."]
+    return Table(f"Ablation {study.name} — OmniQuant recipe", ["row", "what", "WikiText-2", "PTB", "quant s",
+                                                                "steps/block", "last-block loss"], body, notes)
+
+
+def plot(study: Study, root: Path, out: Path) -> list[Path]:
+    """``ablation_<study>_block_loss.png`` and ``ablation_<study>_time_to_quality.png`` under ``out``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = load_rows(study, root)
+    out.mkdir(parents=True, exist_ok=True)
+    curves = {row: m["block_epoch_loss"] for row, m in rows.items() if m.get("block_epoch_loss")}
+    n_blocks = max((len(c) for c in curves.values()), default=0)
+    panels = sorted({0, n_blocks // 3, 2 * n_blocks // 3, n_blocks - 1}) if n_blocks else []
+    fig, axes = plt.subplots(1, max(1, len(panels)), figsize=(4 * max(1, len(panels)), 3.4), squeeze=False)
+    for ax, block in zip(axes[0], panels):
+        for i, (row, blocks) in enumerate(curves.items()):
+            per = _steps_per_epoch(rows[row])
+            losses = blocks[block]
+            ax.plot([per * (e + 1) for e in range(len(losses))], losses, marker="o", ms=3, color=f"C{i}", label=row)
+        ax.set_title(f"block {block + 1}")
+        ax.set_xlabel("optimizer step")
+        ax.set_yscale("log")
+    axes[0][0].set_ylabel("block output MSE (epoch mean)")
+    axes[0][-1].legend(fontsize=7)
+    fig.tight_layout()
+    first = out / f"ablation_{study.name}_block_loss.png"
+    fig.savefig(first, dpi=110)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for i, (row, m) in enumerate(rows.items()):
+        ax.scatter(m["quant_seconds"], m["wikitext2_ppl"], color=f"C{i}", label=row, zorder=3)
+    model, setting = study.option("model"), study.option("quant")
+    for method in BASELINES:
+        path = root / "metrics" / model / setting / f"{method}.json"
+        if path.is_file():
+            m = json.loads(path.read_text())
+            ax.scatter(m["quant_seconds"], m["wikitext2_ppl"], marker="x", color="black", zorder=3)
+            ax.annotate(method, (m["quant_seconds"], m["wikitext2_ppl"]), fontsize=8, xytext=(4, 4),
+                        textcoords="offset points")
+    ax.set_xscale("symlog", linthresh=10)
+    ax.set_yscale("log")
+    ax.set_xlabel("calibration seconds (2-core CPU)")
+    ax.set_ylabel("WikiText-2 perplexity")
+    ax.set_title(f"{model} {setting}: quality against calibration time")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    second = out / f"ablation_{study.name}_time_to_quality.png"
+    fig.savefig(second, dpi=110)
+    plt.close(fig)
+    return [first, second]
+
+
+def report(study: Study, root: Path, out: Path) -> list[Path]:
+    """The study's table (markdown and CSV) and plots under ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    t = table(study, root)
+    md, csv = out / f"ablation_{study.name}.md", out / f"ablation_{study.name}.csv"
+    md.write_text(t.markdown())
+    csv.write_text(t.csv())
+    return [md, csv, *plot(study, root, out)]
