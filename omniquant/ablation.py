@@ -183,3 +183,72 @@ def report(study: Study, root: Path, out: Path) -> list[Path]:
     md.write_text(t.markdown())
     csv.write_text(t.csv())
     return [md, csv, *plot(study, root, out)]
+
+
+def lwc_factors(params: dict[str, Any]) -> dict[str, dict[str, list[float]]]:
+    """Per linear (role) and block, quantiles (min, 10%, 50%, 90%, max) of the learned clip factors σ(γ)."""
+    import torch
+
+    out: dict[str, dict[str, list[float]]] = {}
+    for key, value in sorted(params.items()):
+        if ".lwc." not in key or not key.endswith("_max"):
+            continue
+        block, role = key.split(".lwc.")[0].rsplit(".", 1)[1], key.split(".lwc.")[1].removesuffix("_max")
+        s = torch.sigmoid(value.float().flatten())
+        out.setdefault(role, {})[block] = [round(float(q), 5) for q in
+                                           torch.quantile(s, torch.tensor([0.0, 0.1, 0.5, 0.9, 1.0]))]
+    return out
+
+
+def residual_errors(fp_model, models: dict[str, Any], windows) -> dict[str, Any]:
+    """Per block output (residual stream) of each quantized model against the FP model on ``windows``: the
+    MSE, the share of it in the largest 0.1% of squared-error elements, and the FP stream's largest
+    magnitude with its token position (the massive activations of attention sinks)."""
+    import torch
+
+    def states(model):
+        with torch.no_grad():
+            return model(windows, output_hidden_states=True).hidden_states[1:]
+
+    ref = states(fp_model)
+    result: dict[str, Any] = {"fp_max_abs": [], "fp_argmax_position": []}
+    for h in ref:
+        flat = h.abs().amax(-1)  # [windows, tokens]
+        result["fp_max_abs"].append(round(float(flat.max()), 2))
+        result["fp_argmax_position"].append(int(flat.max(0).values.argmax()))
+    for name, model in models.items():
+        mse, top = [], []
+        for h_q, h_fp in zip(states(model), ref):
+            err = (h_q - h_fp).pow(2).flatten()
+            k = max(1, err.numel() // 1000)
+            mse.append(float(err.mean()))
+            top.append(round(float(err.topk(k).values.sum() / err.sum()), 4))
+        result[name] = {"mse": mse, "top_0.1%_share": top}
+    return result
+
+
+def diagnose(study: Study, root: Path, learned: Path, record: Path, compare: dict[str, str], n_windows: int) -> Path:
+    """``metrics/ablation/<study>/diagnosis.json``: a cell's block curves and learned clip factors, and the
+    residual-stream errors of ``compare`` (name -> quantized checkpoint) on the first calibration windows."""
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    model = study.option("model")
+    for path in [learned, record, *map(Path, compare.values())]:
+        if not Path(path).exists():
+            raise UserError(f"{path} not found")
+    rec = json.loads(record.read_text())
+    windows = load_file(str(root / "artifacts" / "calib" / model / "calib.safetensors"))["input_ids"][:n_windows]
+
+    def load(path: Path):
+        return AutoModelForCausalLM.from_pretrained(str(path), torch_dtype=torch.float32).eval()
+
+    torch.set_grad_enabled(False)
+    errors = residual_errors(load(root / "artifacts" / "models" / model),
+                             {name: load(Path(p)) for name, p in compare.items()}, windows)
+    out = {"model": model, "setting": study.option("quant"), "cell_record": str(record),
+           "cell_quant_seconds": rec.get("quant_seconds"), "calib": rec.get("calib"),
+           "block_epoch_loss": [b["epoch_loss"] for b in rec["blocks"]],
+           "lwc_factors": lwc_factors(load_file(str(learned))), "residual": errors, "windows": n_windows}
+    return write_json(root / "metrics" / "ablation" / study.name / "diagnosis.json", out)

@@ -21,12 +21,22 @@ def main() -> None:
     run.add_argument("--force", action="store_true", help="run again rows that have metrics")
     report = sub.add_parser("report", help="write the table and plots")
     report.add_argument("--out", type=Path, default=Path("results"))
+    diag = sub.add_parser("diagnose", help="learned clip factors of a cell, and each block's residual-stream error "
+                                           "of cells against FP on calibration windows")
+    diag.add_argument("--learned", type=Path, required=True, help="a cell's omni_parameters.safetensors")
+    diag.add_argument("--record", type=Path, required=True, help="that cell's quant_record.json (block curves)")
+    diag.add_argument("--compare", nargs="+", default=[], metavar="NAME=CHECKPOINT", help="quantized checkpoints")
+    diag.add_argument("--windows", type=int, default=4, help="calibration windows for the residual errors")
     args = parser.parse_args()
     study = ablation.Study.load(args.study)
+    root = args.root.resolve()
     if args.command == "run":
-        paths = ablation.run(study, args.rows, args.root.resolve(), args.force)
+        paths = ablation.run(study, args.rows, root, args.force)
+    elif args.command == "report":
+        paths = ablation.report(study, root, args.out)
     else:
-        paths = ablation.report(study, args.root.resolve(), args.out)
+        paths = [ablation.diagnose(study, root, args.learned, args.record, dict(c.split("=", 1) for c in args.compare),
+                                   args.windows)]
     for path in paths:
         print(f"wrote {path}")
 

@@ -1,7 +1,6 @@
 """Stage ``pack``: real low-bit packing of a weight-only cell, evaluated by the perplexity code."""
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -9,7 +8,7 @@ from omegaconf import DictConfig
 
 from omniquant import packing
 from omniquant.errors import UserError
-from omniquant.export.common import QPARAMS_FILE
+from omniquant.export.common import QPARAMS_FILE, staged
 from omniquant.packed import bits_per_weight, load_packed_model
 from omniquant.stages.common import base_checkpoint, cell_of, check_eval_data, device_of, finish, load_evaluated
 from omniquant.stages.eval_ppl import evaluate_perplexity
@@ -27,17 +26,13 @@ def pack(cfg: DictConfig) -> dict[str, Any]:
     check_eval_data(cfg)
     model, tokenizer, record = load_evaluated(cfg, cell)
     qparams = packing.read_qparams(cell.quantized_dir / QPARAMS_FILE)
-    staging = cell.packed_file.parent.with_name(cell.method + ".partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    try:
-        packing.save_packed(staging / cell.packed_file.name, model.cpu(), qparams, spec)
-    except ValueError as err:
-        raise UserError(f"pack {cell.run_name}: {err}") from None
-    tokenizer.save_pretrained(staging)
+    with staged(cell.packed_file.parent) as staging:
+        try:
+            packing.save_packed(staging / cell.packed_file.name, model.cpu(), qparams, spec)
+        except ValueError as err:
+            raise UserError(f"pack {cell.run_name}: {err}") from None
+        tokenizer.save_pretrained(staging)
     del model
-    shutil.rmtree(cell.packed_file.parent, ignore_errors=True)
-    staging.rename(cell.packed_file.parent)
     packed = load_packed_model(cell.packed_file).to(device_of(cfg))
     ppl = evaluate_perplexity(cfg, packed, tokenizer, f"{cell.model} packed")
     base = Path(base_checkpoint(cfg))
