@@ -113,7 +113,8 @@ def table(study: Study, root: Path) -> Table:
         curves = m.get("block_epoch_loss") or []
         final = [c[-1] for c in curves if c]
         body.append([row, m["what"], fmt_ppl(m.get("wikitext2_ppl")), fmt_ppl(m.get("ptb_ppl")),
-                     f"{m['quant_seconds']:.0f}", str(m.get("calib_epochs", 0) * _steps_per_epoch(m)),
+                     f"{m['quant_seconds']:.0f}",
+                     str(m["calib_epochs"] * _steps_per_epoch(m)) if m.get("calib_epochs") is not None else "–",
                      f"{final[-1]:.3g}" if final else "–"])
     notes = [f"{study.option('model')} at {study.option('quant')}, profile {study.option('profile')}; every row "
              "uses the same calibration windows and evaluation windows as the grid's cells "

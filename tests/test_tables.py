@@ -156,3 +156,18 @@ def test_table3_rows_per_variant_with_skips_and_the_tvm_check():
                          "cpu X"]
     assert t.rows[1][-1] == "skipped: 4-bit only"
     assert any("logits max abs error prefill 2.0e-06" in n and "CUDA skipped: no GPU" in n for n in t.notes)
+
+
+def test_table1_shows_mean_and_std_over_seed_runs_and_the_paper_recipe_row(metrics):
+    _write(metrics, "w3a16g128", "omniquant", ".seed3", wikitext2_ppl=10.5)
+    _write(metrics, "w3a16g128", "omniquant", ".seed4", wikitext2_ppl=11.5)
+    _write(metrics, "w3a16g128", "omniquant-paper", wikitext2_ppl=11.0)
+    records = load_metrics(metrics)
+    assert len(records.seed) == 2 and all(m["method"] == "omniquant" for m in records.seed)
+    t = table1(records.ppl, records.seed)
+    rows = {tuple(r[:2]): r[2:] for r in t.rows}
+    assert rows[("w3a16g128", "omniquant")][0] == "10.50 ± 1.00 (3)"  # 9.5, 10.5, 11.5: sample std 1
+    assert rows[("w3a16g128", "rtn")][0] == "12.25"  # no seed runs: the cell's value alone
+    order = [r[1] for r in t.rows if r[0] == "w3a16g128"]
+    assert order.index("omniquant-paper") < order.index("omniquant")
+    assert any("two standard deviations" in n for n in t.notes)
