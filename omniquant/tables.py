@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from omniquant import paper
+from omniquant import method_names, paper
 from omniquant.zeroshot import AVERAGED
 
 SETTING_ORDER = ["fp16", "w4a16g128", "w4a16g64", "w4a16g32", "w4a16", "w3a16g128", "w3a16g64", "w3a16",
@@ -158,7 +158,7 @@ def table1(ppl: Sequence[Metrics], seeds: Sequence[Metrics] = ()) -> Table:
     models, body = _grid(rows, lambda _model, m: [_seeded(m, seeds, "wikitext2_ppl"), _seeded(m, seeds, "ptb_ppl")],
                          2)
     for row in body:
-        row.append(fmt_ppl(paper.TABLE1_WIKITEXT2.get((row[0], row[1]))))
+        row.append(fmt_ppl(paper.TABLE1_WIKITEXT2.get((row[0], method_names.family(row[1])))))
     columns = ["setting", "method"] + [f"{model} {name}" for model in models for name in ("WikiText-2", "PTB")]
     columns.append(f"paper {paper.TABLE1_MODEL} WikiText-2")
     notes = [f"The last column is the paper's (Table 1, {paper.TABLE1_MODEL}), not ours.",
