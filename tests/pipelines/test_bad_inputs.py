@@ -168,6 +168,7 @@ def _interrupted(root: Path, signum: int = signal.SIGTERM, *overrides: str) -> s
     return _one_line(subprocess.CompletedProcess(proc.args, proc.returncode, "", err), 128 + signum, alone=False)
 
 
+@pytest.mark.slow  # real calibration runs in subprocesses: `pytest -m slow` (CI runs it)
 def test_an_interrupt_is_one_line_and_the_run_resumes(tmp_path, data_root):
     line = _interrupted(tmp_path, signal.SIGTERM)
     assert line == "omniquant: interrupted at block 2 of 2; run the same command to resume", line
@@ -177,6 +178,7 @@ def test_an_interrupt_is_one_line_and_the_run_resumes(tmp_path, data_root):
     assert not _state(tmp_path).exists()  # finished: its own state removed
 
 
+@pytest.mark.slow  # real calibration runs in subprocesses: `pytest -m slow` (CI runs it)
 def test_state_of_other_weights_is_discarded_with_a_reason(tmp_path, data_root):
     assert _interrupted(tmp_path, signal.SIGINT).startswith("omniquant: interrupted at block 2 of 2;")
     proc = _run(tmp_path, *SLOW_OMNIQUANT, "method.epochs=1", "model.tiny.seed=1")
@@ -185,6 +187,7 @@ def test_state_of_other_weights_is_discarded_with_a_reason(tmp_path, data_root):
     assert "was made with another act_stats, method, weights; starting over" in proc.stdout
 
 
+@pytest.mark.slow  # real calibration runs in subprocesses: `pytest -m slow` (CI runs it)
 def test_corrupt_state_is_discarded_with_a_reason(tmp_path, data_root):
     _interrupted(tmp_path)
     state, saved = _state(tmp_path), tmp_path / "saved-state"
@@ -202,6 +205,7 @@ def test_corrupt_state_is_discarded_with_a_reason(tmp_path, data_root):
         assert len(said) == 1 and reason in said[0] and said[0].endswith("starting over"), proc.stdout[-2000:]
 
 
+@pytest.mark.slow  # real calibration runs in subprocesses: `pytest -m slow` (CI runs it)
 def test_a_second_run_of_the_same_cell_is_refused_naming_the_holder(tmp_path, data_root):
     first = _start(tmp_path, "method.epochs=5000")  # still running when the second one starts
     lock = tmp_path / "out" / "artifacts" / "locks" / "tiny-llama" / "w4a4" / "omniquant" / "quantize.lock"
@@ -218,6 +222,7 @@ def test_a_second_run_of_the_same_cell_is_refused_naming_the_holder(tmp_path, da
     assert first.returncode == 143
 
 
+@pytest.mark.slow  # real calibration runs in subprocesses: `pytest -m slow` (CI runs it)
 def test_a_damaged_checkpoint_is_one_line(tmp_path, data_root):
     assert _run(tmp_path, "method=rtn").returncode == 0  # prepares the tiny model
     weights = tmp_path / "models" / "tiny-llama" / "model.safetensors"
