@@ -106,8 +106,7 @@ def load_rows(study: Study, root: Path) -> dict[str, dict[str, Any]]:
             if (p := study.metrics_file(root, row)).is_file()}
 
 
-def table(study: Study, root: Path) -> Table:
-    rows = load_rows(study, root)
+def table(study: Study, rows: dict[str, dict[str, Any]]) -> Table:
     body = []
     for row, m in rows.items():
         curves = m.get("block_epoch_loss") or []
@@ -124,14 +123,13 @@ def table(study: Study, root: Path) -> Table:
                                                                 "steps/block", "last-block loss"], body, notes)
 
 
-def plot(study: Study, root: Path, out: Path) -> list[Path]:
+def plot(study: Study, rows: dict[str, dict[str, Any]], root: Path, out: Path) -> list[Path]:
     """``ablation_<study>_block_loss.png`` and ``ablation_<study>_time_to_quality.png`` under ``out``."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = load_rows(study, root)
     out.mkdir(parents=True, exist_ok=True)
     curves = {row: m["block_epoch_loss"] for row, m in rows.items() if m.get("block_epoch_loss")}
     n_blocks = max((len(c) for c in curves.values()), default=0)
@@ -179,11 +177,12 @@ def plot(study: Study, root: Path, out: Path) -> list[Path]:
 def report(study: Study, root: Path, out: Path) -> list[Path]:
     """The study's table (markdown and CSV) and plots under ``out``."""
     out.mkdir(parents=True, exist_ok=True)
-    t = table(study, root)
+    rows = load_rows(study, root)
+    t = table(study, rows)
     md, csv = out / f"ablation_{study.name}.md", out / f"ablation_{study.name}.csv"
     md.write_text(t.markdown())
     csv.write_text(t.csv())
-    return [md, csv, *plot(study, root, out)]
+    return [md, csv, *plot(study, rows, root, out)]
 
 
 def lwc_factors(params: dict[str, Any]) -> dict[str, dict[str, list[float]]]:
