@@ -9,6 +9,19 @@ from pathlib import Path
 from typing import Any
 
 
+def machine(cpuinfo: str | Path = "/proc/cpuinfo") -> str:
+    """The CPU this process runs on: model, logical CPUs and torch's vector ISA (float results depend on it)."""
+    import torch
+
+    try:
+        lines = Path(cpuinfo).read_text().splitlines()
+    except OSError:
+        lines = []
+    names = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
+    model = f"{names[0]} ({len(names)} logical CPUs)" if names else "cpu"
+    return f"{model}, torch {torch.backends.cpu.get_cpu_capability()}"
+
+
 def peak_rss_gb() -> float:
     """Peak resident memory of this process so far, in GiB (Linux reports KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2

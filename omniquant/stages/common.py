@@ -13,11 +13,11 @@ from omniquant import data as datalib
 from omniquant.block import attach_act_quant
 from omniquant.errors import UserError
 from omniquant.layout import Cell
-from omniquant.metrics import peak_rss_gb, read_json, write_json
+from omniquant.metrics import machine, peak_rss_gb, read_json, write_json
 from omniquant.setting import QuantSetting
 from omniquant.tracking import log_run
 
-RECORD_METRICS = ("quant_seconds", "peak_rss_gb", "peak_mem_gb", "nan_retries", "calib_epochs", "calib_batch_size",
+RECORD_METRICS = ("quant_seconds", "quant_machine", "peak_rss_gb", "peak_mem_gb", "nan_retries", "calib_epochs", "calib_batch_size",
                   "calib_nsamples", "calib_seqlen")
 
 
@@ -123,7 +123,8 @@ def finish(cfg: DictConfig, cell: Cell, results: dict[str, Any], record: dict[st
 
     Zero-shot and packed metrics go into the MLflow run of the cell's perplexity evaluation when there is one.
     """
-    results = results | {k: record[k] for k in RECORD_METRICS if k in record} | {"eval_peak_rss_gb": peak_rss_gb()}
+    results |= {k: record[k] for k in RECORD_METRICS if k in record}
+    results |= {"eval_peak_rss_gb": peak_rss_gb(), "eval_machine": machine()}
     if record.get("blocks") and any(b["epoch_loss"] for b in record["blocks"]):  # OmniQuant: each block's curve
         results["block_epoch_loss"] = [b["epoch_loss"] for b in record["blocks"]]
     metrics = {"model": cell.model, "setting": cell.setting.name, "method": cell.method} | results

@@ -16,7 +16,7 @@ from omniquant.errors import UserError
 from omniquant.export.common import save_quantized
 from omniquant.layout import Cell
 from omniquant.methods.base import QuantResult
-from omniquant.metrics import peak_rss_gb
+from omniquant.metrics import machine, peak_rss_gb
 from omniquant.stages.act_stats import cached_stats
 from omniquant.stages.calib_data import load_windows
 from omniquant.stages.common import base_checkpoint, cell_lock, cell_of, device_of, load, spec_of
@@ -59,7 +59,7 @@ def quantize_in_memory(cfg: DictConfig, cell: Cell, model, calib: torch.Tensor |
     start = time.perf_counter()
     _, result = methods.quantize(model, cell.setting, cell.method, calib, **inputs)
     seconds = time.perf_counter() - start
-    record = {"quant_seconds": seconds, "peak_rss_gb": peak_rss_gb()}
+    record = {"quant_seconds": seconds, "quant_machine": machine(), "peak_rss_gb": peak_rss_gb()}
     record["peak_mem_gb"] = result.record.get("peak_mem_gb", record["peak_rss_gb"])
     if calib is not None:
         record["calib_nsamples"], record["calib_seqlen"] = int(calib.shape[0]), int(calib.shape[1])

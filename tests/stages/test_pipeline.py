@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from omniquant.errors import install_signal_handlers
 from omniquant.layout import record_file
-from omniquant.metrics import read_json
+from omniquant.metrics import machine, read_json
 from omniquant.models import load_model
 from omniquant.arch import adapter_of
 from omniquant.quantizer import dequantize_weight
@@ -61,6 +61,7 @@ def test_stage_chain_writes_on_grid_checkpoint_and_metrics(make_cfg, data_root, 
         assert key in saved
     assert (saved["model"], saved["setting"], saved["method"]) == ("tiny-llama", "w3a16g128", "rtn")
     assert saved["wikitext2_windows"] == 2 and saved["wikitext2_ppl"] > 1
+    assert saved["quant_machine"] == saved["eval_machine"] == machine()  # float results depend on the CPU
 
 
 def test_run_cell_logs_to_mlflow(make_cfg, data_root, tmp_path, monkeypatch):
