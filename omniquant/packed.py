@@ -4,20 +4,24 @@
 
 - CUDA input, Triton importable, grouped weight (group a multiple of 32), at most
   :data:`omniquant.kernels.MAX_ROWS` rows: the fused Triton dequantize-matmul kernel;
-- CPU input, 4-bit, group 32/64/128/256, ``out`` a multiple of 16: torch's int4 kernel
-  (``aten._weight_int4pack_mm_for_cpu``). It computes ``w = (q - 8)·s + m`` per group, so our
-  ``(q - z)·s`` maps exactly onto ``m = (8 - z)·s``. It needs whole groups, so a short last group
-  is padded (codes and input with zeros, which adds nothing). Its tile layout is built on the
-  first CPU forward (per input dtype) and cached on the module. In torch 2.13 the kernel is
-  vectorized for bfloat16 inputs only (576x1536 weight, 2-core EPYC: 0.07 ms per row, faster than a
-  dense float32 matmul's 0.11 ms); for float32 it costs ≈ 1 ms *per row*, so float32 inputs take
-  it only up to :data:`INT4_CPU_FP32_MAX_ROWS` rows (decoding), where it beats dequantizing
-  (≈ 6 ms per forward); longer float32 inputs (prefill, perplexity) dequantize;
+- CPU float32 input, a layout :mod:`omniquant.kernels.cpu` takes (in_features and group multiples of
+  32) and the kernels built: up to :data:`CPU_MATMUL_MAX_ROWS` rows (decoding), the fused kernel
+  that decodes the codes in registers (float32 accumulation in another order than the dense
+  matmul: equal to it within float rounding); more rows (prefill, perplexity), the kernels'
+  dequantization, bit-identical to the fake-quantized weight, then ``F.linear`` (so the packed
+  perplexity equals the fake-quantized one);
+- CPU bfloat16 input, 4-bit, group 32/64/128/256, ``out`` a multiple of 16: torch's int4 kernel
+  (``aten._weight_int4pack_mm_for_cpu``, the ``torch_int4`` benchmark variant). It computes
+  ``w = (q - 8)·s + m`` per group, so our ``(q - z)·s`` maps exactly onto ``m = (8 - z)·s``. It
+  needs whole groups, so a short last group is padded (codes and input with zeros, which adds
+  nothing). Its tile layout is built on the first such forward and cached on the module;
 - otherwise: dequantize to the input dtype, then ``F.linear`` (bit-identical to the
-  fake-quantized model).
+  fake-quantized model). Where the CPU kernels cannot be built, the first such forward warns once,
+  saying why.
 """
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import torch
@@ -26,12 +30,13 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from omniquant import kernels
+from omniquant.kernels import cpu as cpu_kernels
 from omniquant.packing import PACKED_TENSORS, PackedWeight, load_packed, spec_of
 
 INT4_CPU_GROUPS = (32, 64, 128, 256)
 INT4_CPU_OFFSET = 8  # torch's int4 kernels decode q - 8
 INT4_INNER_K_TILES = 2
-INT4_CPU_FP32_MAX_ROWS = 4  # float32 rows per forward up to which the int4 kernel beats dequantizing
+CPU_MATMUL_MAX_ROWS = 8  # float32 rows per forward up to which the fused CPU kernel beats dequantize + matmul
 
 
 class PackedLinear(nn.Module):
@@ -43,10 +48,12 @@ class PackedLinear(nn.Module):
             self.register_buffer(name, t)
         self.register_buffer("bias", bias)
         self.in_features, self.out_features, self.spec = weight.in_features, weight.out_features, weight.spec
-        self.int4_cpu = (  # CPU forwards use torch's int4 kernel
+        self.int4_cpu = (  # bfloat16 CPU forwards use torch's int4 kernel
             self.spec.bits == 4 and self.spec.group_size in INT4_CPU_GROUPS and self.out_features % 16 == 0
         )
+        self.cpu_kernel = cpu_kernels.supports(weight)  # float32 CPU forwards use omniquant.kernels.cpu
         self._int4: tuple[torch.dtype, torch.Tensor, torch.Tensor] | None = None
+        self._zero_scales: torch.Tensor | None = None
 
     @property
     def packed(self) -> PackedWeight:
@@ -57,19 +64,29 @@ class PackedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // self.in_features
+        path = self.path(x)
         if x.is_cuda and rows <= kernels.MAX_ROWS and kernels.supports(self.packed) and kernels.available():
             y = kernels.quant_matmul(x, self.packed)
-        elif self.int4_cpu_for(x):
+        elif path == "cpu_matmul":
+            if self._zero_scales is None:
+                self._zero_scales = cpu_kernels.zero_scales(self.packed)
+            y = cpu_kernels.matmul(x, self.packed, self._zero_scales)
+        elif path == "int4":
             y = self._int4_matmul(x)
         else:
-            return F.linear(x, self.dequantized_weight(x.dtype), self.bias)
+            weight = cpu_kernels.dequantize(self.packed) if path == "cpu_dequantize" else self.dequantized_weight(x.dtype)
+            return F.linear(x, weight, self.bias)
         return y if self.bias is None else y + self.bias
 
-    def int4_cpu_for(self, x: torch.Tensor) -> bool:
-        """Whether ``forward(x)`` runs torch's int4 CPU kernel (module docstring)."""
-        rows = x.numel() // self.in_features
-        return (x.device.type == "cpu" and self.int4_cpu
-                and (x.dtype == torch.bfloat16 or rows <= INT4_CPU_FP32_MAX_ROWS))
+    def path(self, x: torch.Tensor) -> str:
+        """The CPU path ``forward(x)`` takes: ``cpu_matmul``, ``cpu_dequantize``, ``int4`` or ``dequantize``."""
+        if x.device.type != "cpu":
+            return "dequantize"
+        if x.dtype == torch.bfloat16 and self.int4_cpu:
+            return "int4"
+        if x.dtype == torch.float32 and self.cpu_kernel and _cpu_kernels_built():
+            return "cpu_matmul" if x.numel() // self.in_features <= CPU_MATMUL_MAX_ROWS else "cpu_dequantize"
+        return "dequantize"
 
     def _int4_matmul(self, x: torch.Tensor) -> torch.Tensor:
         pad = self.scales.shape[1] * self.spec.group_size - self.in_features  # short last group
@@ -87,12 +104,24 @@ class PackedLinear(nn.Module):
         return y.reshape(*x.shape[:-1], self.out_features)
 
     def _load_from_state_dict(self, *args, **kwargs) -> None:
-        self._int4 = None  # new packed data: rebuild the int4 tiles on the next forward
+        self._int4 = self._zero_scales = None  # new packed data: rebuild the cached tiles and offsets
         super()._load_from_state_dict(*args, **kwargs)
 
     def extra_repr(self) -> str:
         bias = self.bias is not None
         return f"in_features={self.in_features}, out_features={self.out_features}, {self.spec.tag}, bias={bias}"
+
+
+def _cpu_kernels_built() -> bool:
+    """Whether :mod:`omniquant.kernels.cpu` runs here (built on the first call); warns once if not."""
+    reason = cpu_kernels.unavailable()
+    if reason is not None and not _warned:
+        _warned.append(reason)
+        warnings.warn(f"packed CPU linears dequantize (slow): {reason}", RuntimeWarning, stacklevel=3)
+    return reason is None
+
+
+_warned: list[str] = []
 
 
 def load_packed_model(path: str | Path) -> nn.Module:

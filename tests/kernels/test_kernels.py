@@ -1,4 +1,4 @@
-"""Low-bit matmul paths: torch's int4 CPU kernel in PackedLinear, and the Triton kernels.
+"""Low-bit matmul paths: torch's int4 CPU kernel and the reference path in PackedLinear, and the Triton kernels.
 
 Without a GPU the Triton kernels run under the Triton interpreter on CPU tensors.
 """
@@ -16,7 +16,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # read when the kernel module first imports triton
 
 from omniquant import kernels
-from omniquant.packed import INT4_CPU_FP32_MAX_ROWS, PackedLinear
+from omniquant.packed import PackedLinear
 from omniquant.packing import PackedWeight, pack_weight
 from omniquant.quantizer import QuantSpec, quantize_weight
 
@@ -41,29 +41,18 @@ def inputs(rows: int, cols: int, dtype: torch.dtype = torch.float32, device: str
 def test_int4_cpu_path_matches_dequantized_reference(spec, cols):
     layer = PackedLinear(packed_weight(spec, 48, cols), bias=torch.randn(48))
     assert layer.int4_cpu
-    x = inputs(4, cols).reshape(2, 2, cols)
-    assert layer.int4_cpu_for(x)  # float32 decoding rows
-    expected = F.linear(x, layer.dequantized_weight(), layer.bias)
-    torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-4)
     x16 = inputs(64, cols, torch.bfloat16)  # bfloat16: any number of rows
-    assert layer.int4_cpu_for(x16)
+    assert layer.path(x16) == "int4"
     expected16 = F.linear(x16.float(), layer.dequantized_weight(), layer.bias)
     bf16_bound = 2**-7 * expected16.abs().max().item()  # bfloat16's 8-bit mantissa, outputs and scales
     torch.testing.assert_close(layer(x16).float(), expected16, rtol=0, atol=2 * bf16_bound)
 
 
-def test_long_float32_inputs_dequantize_instead_of_the_slow_int4_kernel():
-    layer = PackedLinear(packed_weight(QuantSpec(4, 128), 48, 256))
-    x = inputs(INT4_CPU_FP32_MAX_ROWS + 1, 256)
-    assert layer.int4_cpu and not layer.int4_cpu_for(x)
-    assert torch.equal(layer(x), F.linear(x, layer.dequantized_weight()))  # the fake-quantized arithmetic
-
-
-@pytest.mark.parametrize("spec", [QuantSpec(3, 64), QuantSpec(4, 16), QuantSpec(4, None)], ids=lambda s: s.tag)
-def test_other_cpu_weights_use_the_dequantized_reference(spec):
-    layer = PackedLinear(packed_weight(spec, 48, 128))
-    assert not layer.int4_cpu
-    x = inputs(3, 128)
+@pytest.mark.parametrize("spec", [QuantSpec(3, 20), QuantSpec(4, 40)], ids=lambda s: s.tag)
+def test_layouts_the_cpu_kernels_do_not_take_use_the_dequantized_reference(spec):
+    layer = PackedLinear(packed_weight(spec, 48, 120))  # neither in_features nor the group a multiple of 32
+    x = inputs(3, 120)
+    assert layer.path(x) == "dequantize"
     assert torch.equal(layer(x), F.linear(x, layer.dequantized_weight()))
 
 

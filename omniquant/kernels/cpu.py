@@ -1,0 +1,86 @@
+"""CPU kernels on the packed layout (``cpu_packed.cpp``: AVX2 + FMA), built on first use.
+
+The C++ source is compiled with torch's extension builder (ninja, the host's C++ compiler) into
+torch's extension cache (``TORCH_EXTENSIONS_DIR``) the first time a kernel is asked for: about a
+minute once per machine, then a load. :func:`unavailable` says why the kernels cannot run here
+(no AVX2/FMA, no compiler, a failed build), or ``None``; callers report that reason, they do not
+fall back silently.
+
+- :func:`matmul`: ``x @ Wᵀ`` with the codes decoded in registers (decoding: a few rows of ``x``);
+- :func:`dequantize`: the float32 weight ``(q - z)·s``, bit-identical to
+  :meth:`omniquant.packing.PackedWeight.dequantize` (prefill and perplexity: then a dense matmul);
+- :func:`int8_matmul`: ``x @ (q·s)ᵀ`` for an int8 weight with one scale per row (the 8-bit head).
+"""
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+from omniquant.packing import PackedWeight
+
+SOURCE = Path(__file__).with_name("cpu_packed.cpp")
+CPUINFO = Path("/proc/cpuinfo")
+FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp"]
+BLOCK = 32  # codes per decoded block: in_features and the group size must be multiples of it
+MAX_BITS = 7
+
+
+@functools.cache
+def _build() -> ModuleType | str:
+    """The compiled module, or why there is none."""
+    flags = CPUINFO.read_text().split() if CPUINFO.exists() else []
+    if not {"avx2", "fma"} <= set(flags):
+        return "this CPU has no AVX2/FMA (the CPU kernels are written for them)"
+    from torch.utils import cpp_extension
+
+    try:
+        return cpp_extension.load("omniquant_cpu_packed", [str(SOURCE)], extra_cflags=FLAGS,
+                                  extra_ldflags=["-fopenmp"], verbose=False)
+    except (RuntimeError, OSError, ImportError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        return f"building {SOURCE.name} failed: {first}"
+
+
+def unavailable() -> str | None:
+    """Why the CPU kernels cannot run on this machine, or ``None`` (builds them on the first call)."""
+    built = _build()
+    return built if isinstance(built, str) else None
+
+
+def _module() -> ModuleType:
+    built = _build()
+    if isinstance(built, str):
+        raise RuntimeError(built)
+    return built
+
+
+def supports(weight: PackedWeight) -> bool:
+    """Whether the kernels take this weight's layout: 1..7 bits, in_features and group multiples of 32."""
+    group = weight.spec.group_size or weight.in_features
+    return weight.spec.bits <= MAX_BITS and weight.in_features % BLOCK == 0 and group % BLOCK == 0
+
+
+def zero_scales(weight: PackedWeight) -> torch.Tensor:
+    """``z·s`` per (row, group), the offset term of :func:`matmul` (computed once per weight)."""
+    return (weight.zeros() * weight.scales).contiguous()
+
+
+def matmul(x: torch.Tensor, weight: PackedWeight, zs: torch.Tensor) -> torch.Tensor:
+    """``x @ Wᵀ`` (float32) with ``zs = zero_scales(weight)``; ``x [..., in]`` → ``[..., out]``."""
+    group = weight.spec.group_size or weight.in_features
+    return _module().matmul(x, weight.qweight, weight.scales, zs, weight.spec.bits, group)
+
+
+def dequantize(weight: PackedWeight) -> torch.Tensor:
+    """The float32 weight ``(q - z)·s``, bit-identical to ``weight.dequantize()``."""
+    group = weight.spec.group_size or weight.in_features
+    return _module().dequantize(weight.qweight, weight.scales, weight.zeros(), weight.spec.bits, group,
+                                weight.in_features)
+
+
+def int8_matmul(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """``x @ (q·scales[:, None])ᵀ`` for int8 ``q [out, in]`` and float32 ``scales [out]``."""
+    return _module().int8_matmul(x, q, scales)

@@ -1,0 +1,231 @@
+// CPU kernels on the packed layout of omniquant.packing (AVX2 + FMA, threads from ATen's pool).
+//
+// dequantize: the float32 weight (q - z)·s, the same operations as omniquant.quantizer.dequantize_weight
+//   (so bit-identical to the fake-quantized weight; the caller runs the dense matmul).
+// matmul: y = x·Wᵀ with the codes decoded in registers, for a few rows of x (decoding):
+//   y[r, n] = Σ_g s[n,g]·Σ_{k∈g} q[n,k]·x[r,k] − Σ_g (z·s)[n,g]·Σ_{k∈g} x[r,k].
+//   Each 32-code block is decoded once (a broadcast word, a variable shift and a mask per 8 codes,
+//   one plane at a time), scaled by its group's s, and multiplied into up to ROWS rows of x.
+// int8_matmul: y = x·(q·s[:, None])ᵀ for an int8 matrix with one scale per row (the 8-bit LM head).
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+
+namespace {
+
+constexpr int WORD = 32;
+constexpr int ROWS = 4;  // rows of x per pass over an int8 weight (accumulators in registers)
+constexpr int64_t GRAIN = 16;  // output rows per parallel task, at least
+
+struct Plane {
+  int width, offset;
+};
+
+// The bit planes of a code width, widest first (omniquant.packing.planes).
+template <int BITS>
+constexpr int plane_count() {
+  return ((BITS & 4) != 0) + ((BITS & 2) != 0) + ((BITS & 1) != 0);
+}
+
+template <int BITS>
+constexpr Plane plane_at(int i) {
+  int offset = 0, seen = 0;
+  for (int width : {4, 2, 1}) {
+    if (BITS & width) {
+      if (seen == i) return Plane{width, offset};
+      ++seen;
+      offset += width;
+    }
+  }
+  return Plane{0, 0};
+}
+
+// Codes 8j..8j+7 of one 32-code block of a row (words: the row's stream; block b of nblocks).
+template <int BITS>
+inline __m256i decode8(const int32_t* words, int64_t nblocks, int64_t b, int j) {
+  __m256i codes = _mm256_setzero_si256();
+  for (int p = 0; p < plane_count<BITS>(); ++p) {
+    const Plane pl = plane_at<BITS>(p);
+    const int bit = 8 * j * pl.width;
+    const int32_t word = words[nblocks * pl.offset + b * pl.width + bit / WORD];
+    const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    const __m256i shifts = _mm256_add_epi32(_mm256_set1_epi32(bit % WORD),
+                                            _mm256_mullo_epi32(lanes, _mm256_set1_epi32(pl.width)));
+    __m256i part = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(word), shifts),
+                                    _mm256_set1_epi32((1 << pl.width) - 1));
+    codes = _mm256_or_si256(codes, _mm256_slli_epi32(part, pl.offset));
+  }
+  return codes;
+}
+
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// One output row n against rows r0..r0+R of x. Each row keeps 4/R accumulators (one per 8-code
+// slice of a block), so that 4 independent FMA chains hide the FMA latency whatever R is.
+template <int BITS, int R>
+inline void row_dot(const float* x, int64_t in, const int32_t* words, const float* s, const float* zs,
+                    const float* xsum, int64_t n_groups, int64_t blocks_per_group, float* y, int64_t out,
+                    int64_t n) {
+  constexpr int J = 4 / R;
+  const int64_t nblocks = in / WORD;
+  __m256 acc[R][J];
+  float corr[R];
+  for (int r = 0; r < R; ++r) {
+    for (int j = 0; j < J; ++j) acc[r][j] = _mm256_setzero_ps();
+    corr[r] = 0.f;
+  }
+  for (int64_t g = 0; g < n_groups; ++g) {
+    const __m256 scale = _mm256_set1_ps(s[g]);
+    for (int r = 0; r < R; ++r) corr[r] += zs[g] * xsum[r * n_groups + g];
+    const int64_t last = std::min<int64_t>((g + 1) * blocks_per_group, nblocks);  // a short last group
+    for (int64_t b = g * blocks_per_group; b < last; ++b) {
+      for (int j = 0; j < WORD / 8; ++j) {
+        const __m256 w = _mm256_mul_ps(_mm256_cvtepi32_ps(decode8<BITS>(words, nblocks, b, j)), scale);
+        const int64_t k = b * WORD + 8 * j;
+        for (int r = 0; r < R; ++r)
+          acc[r][j % J] = _mm256_fmadd_ps(w, _mm256_loadu_ps(x + r * in + k), acc[r][j % J]);
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    for (int j = 1; j < J; ++j) acc[r][0] = _mm256_add_ps(acc[r][0], acc[r][j]);
+    y[r * out + n] = hsum(acc[r][0]) - corr[r];
+  }
+}
+
+template <int BITS>
+void matmul_bits(const float* x, int64_t rows, int64_t in, const int32_t* qweight, int64_t words_per_row,
+                 const float* s, const float* zs, int64_t n_groups, int64_t group, float* y, int64_t out) {
+  std::vector<float> xsum(rows * n_groups, 0.f);  // Σ_{k∈g} x[r, k]
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t k = 0; k < in; ++k) xsum[r * n_groups + k / group] += x[r * in + k];
+  const int64_t blocks_per_group = group / WORD;
+  at::parallel_for(0, out, GRAIN, [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n) {
+      const int32_t* words = qweight + n * words_per_row;
+      const float* sn = s + n * n_groups;
+      const float* zn = zs + n * n_groups;
+      int64_t r0 = 0;
+      for (; r0 + 4 <= rows; r0 += 4)
+        row_dot<BITS, 4>(x + r0 * in, in, words, sn, zn, xsum.data() + r0 * n_groups, n_groups,
+                         blocks_per_group, y + r0 * out, out, n);
+      for (; r0 + 2 <= rows; r0 += 2)
+        row_dot<BITS, 2>(x + r0 * in, in, words, sn, zn, xsum.data() + r0 * n_groups, n_groups,
+                         blocks_per_group, y + r0 * out, out, n);
+      for (; r0 < rows; ++r0)
+        row_dot<BITS, 1>(x + r0 * in, in, words, sn, zn, xsum.data() + r0 * n_groups, n_groups,
+                         blocks_per_group, y + r0 * out, out, n);
+    }
+  });
+}
+
+void check_packed(const torch::Tensor& qweight, const torch::Tensor& scales, int64_t in, int64_t group) {
+  TORCH_CHECK(qweight.dtype() == torch::kInt32 && qweight.is_contiguous() && qweight.dim() == 2,
+              "qweight must be a contiguous int32 [out, words] tensor");
+  TORCH_CHECK(scales.dtype() == torch::kFloat32 && scales.is_contiguous() && scales.size(0) == qweight.size(0),
+              "scales must be a contiguous float32 [out, n_groups] tensor");
+  TORCH_CHECK(in % WORD == 0 && group % WORD == 0 && scales.size(1) == (in + group - 1) / group,
+              "the kernel needs in_features and the group size to be multiples of 32");
+}
+
+}  // namespace
+
+torch::Tensor matmul(torch::Tensor x, torch::Tensor qweight, torch::Tensor scales, torch::Tensor zero_scales,
+                     int64_t bits, int64_t group) {
+  const int64_t in = x.size(-1), out = qweight.size(0);
+  check_packed(qweight, scales, in, group);
+  TORCH_CHECK(qweight.size(1) == in / WORD * bits, "qweight does not hold ", bits, "-bit rows of ", in, " codes");
+  TORCH_CHECK(x.dtype() == torch::kFloat32, "x must be float32");
+  auto x2 = x.reshape({-1, in}).contiguous();
+  auto zs = zero_scales.contiguous();
+  auto y = torch::empty({x2.size(0), out}, x.options());
+  const int64_t words = qweight.size(1), groups = scales.size(1), rows = x2.size(0);
+  const float* xp = x2.data_ptr<float>();
+  switch (bits) {
+#define OMNIQUANT_BITS(B)                                                                                    \
+  case B:                                                                                                    \
+    matmul_bits<B>(xp, rows, in, qweight.data_ptr<int32_t>(), words, scales.data_ptr<float>(),               \
+                   zs.data_ptr<float>(), groups, group, y.data_ptr<float>(), out);                           \
+    break;
+    OMNIQUANT_BITS(1) OMNIQUANT_BITS(2) OMNIQUANT_BITS(3) OMNIQUANT_BITS(4) OMNIQUANT_BITS(5)
+    OMNIQUANT_BITS(6) OMNIQUANT_BITS(7)
+#undef OMNIQUANT_BITS
+    default:
+      TORCH_CHECK(false, "the kernel handles 1- to 7-bit codes, got ", bits);
+  }
+  auto shape = x.sizes().vec();
+  shape.back() = out;
+  return y.reshape(shape);
+}
+
+torch::Tensor dequantize(torch::Tensor qweight, torch::Tensor scales, torch::Tensor zeros, int64_t bits,
+                         int64_t group, int64_t in) {
+  check_packed(qweight, scales, in, group);
+  const int64_t out = qweight.size(0), words = qweight.size(1), groups = scales.size(1);
+  auto z = zeros.contiguous();
+  auto w = torch::empty({out, in}, scales.options());
+  const int32_t* q = qweight.data_ptr<int32_t>();
+  const float *sp = scales.data_ptr<float>(), *zp = z.data_ptr<float>();
+  float* wp = w.data_ptr<float>();
+  const int64_t padded = words * WORD / bits;
+  at::parallel_for(0, out, GRAIN, [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n) {
+      for (int64_t k = 0; k < in; ++k) {
+        int32_t code = 0, offset = 0;
+        for (int width : {8, 4, 2, 1}) {
+          if (!(bits & width)) continue;
+          const int64_t bit = k * width;
+          const uint32_t word = static_cast<uint32_t>(q[n * words + padded / WORD * offset + bit / WORD]);
+          code |= static_cast<int32_t>((word >> (bit % WORD)) & ((1u << width) - 1)) << offset;
+          offset += width;
+        }
+        const int64_t g = n * groups + k / group;
+        wp[n * in + k] = (static_cast<float>(code) - zp[g]) * sp[g];
+      }
+    }
+  });
+  return w;
+}
+
+torch::Tensor int8_matmul(torch::Tensor x, torch::Tensor q, torch::Tensor scales) {
+  const int64_t in = x.size(-1), out = q.size(0);
+  TORCH_CHECK(q.dtype() == torch::kInt8 && q.is_contiguous() && q.size(1) == in && in % 8 == 0,
+              "q must be a contiguous int8 [out, in] tensor, in a multiple of 8");
+  TORCH_CHECK(x.dtype() == torch::kFloat32 && scales.dtype() == torch::kFloat32, "x and scales must be float32");
+  auto x2 = x.reshape({-1, in}).contiguous();
+  auto s = scales.contiguous();
+  const int64_t rows = x2.size(0);
+  auto y = torch::empty({rows, out}, x.options());
+  const float *xp = x2.data_ptr<float>(), *sp = s.data_ptr<float>();
+  const int8_t* qp = q.data_ptr<int8_t>();
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, out, GRAIN * 16, [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n) {
+      for (int64_t r0 = 0; r0 < rows; r0 += ROWS) {
+        const int64_t rs = std::min<int64_t>(ROWS, rows - r0);
+        __m256 acc[ROWS] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+        for (int64_t k = 0; k < in; k += 8) {
+          const __m128i bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(qp + n * in + k));
+          const __m256 w = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(bytes));
+          for (int64_t r = 0; r < rs; ++r)
+            acc[r] = _mm256_fmadd_ps(w, _mm256_loadu_ps(xp + (r0 + r) * in + k), acc[r]);
+        }
+        for (int64_t r = 0; r < rs; ++r) yp[(r0 + r) * out + n] = hsum(acc[r]) * sp[n];
+      }
+    }
+  });
+  auto shape = x.sizes().vec();
+  shape.back() = out;
+  return y.reshape(shape);
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("matmul", &matmul, "y = x·Wᵀ on packed codes (a few rows of x)");
+  m.def("dequantize", &dequantize, "the float32 weight (q - z)·s of packed codes");
+  m.def("int8_matmul", &int8_matmul, "y = x·(q·s)ᵀ for an int8 weight with per-row scales");
+}

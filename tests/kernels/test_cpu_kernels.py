@@ -1,0 +1,92 @@
+"""The CPU kernels of omniquant.kernels.cpu (built on first use) and PackedLinear's CPU dispatch."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from omniquant.kernels import cpu
+from omniquant.packed import CPU_MATMUL_MAX_ROWS, PackedLinear
+from omniquant.packing import PackedWeight, pack_weight
+from omniquant.quantizer import QuantSpec, quantize_weight
+
+pytestmark = pytest.mark.skipif(cpu.unavailable() is not None, reason=f"CPU kernels: {cpu.unavailable()}")
+
+# 576 inputs: SmolLM2's hidden size; with groups of 128 its last group is short (64 codes)
+LAYOUTS = [QuantSpec(4, 128), QuantSpec(3, 128), QuantSpec(2, 64), QuantSpec(4, 32), QuantSpec(3, None),
+           QuantSpec(2, 64, symmetric=True), QuantSpec(5, 64), QuantSpec(7, 32)]
+
+
+def packed(spec: QuantSpec, out: int = 40, cols: int = 576) -> PackedWeight:
+    gen = torch.Generator().manual_seed(spec.bits * 1000 + (spec.group_size or 0))
+    return pack_weight(*quantize_weight(torch.randn(out, cols, generator=gen), spec), spec)
+
+
+def rows_of(n: int, cols: int = 576) -> torch.Tensor:
+    return torch.randn(n, cols, generator=torch.Generator().manual_seed(n))
+
+
+@pytest.mark.parametrize("spec", LAYOUTS, ids=lambda s: s.tag)
+def test_dequantize_is_bit_identical_to_the_reference(spec):
+    weight = packed(spec)
+    assert torch.equal(cpu.dequantize(weight), weight.dequantize())
+
+
+@pytest.mark.parametrize("spec", LAYOUTS, ids=lambda s: s.tag)
+def test_matmul_matches_the_dequantized_weight(spec):
+    weight = packed(spec)
+    zs = cpu.zero_scales(weight)
+    reference = weight.dequantize().double()
+    for n in (1, 2, 3, 7):  # the 4-, 2- and 1-row passes and their mixes
+        x = rows_of(n)
+        expected = x.double() @ reference.T
+        got = cpu.matmul(x, weight, zs)
+        assert got.shape == (n, weight.out_features) and got.dtype == torch.float32
+        # float32 accumulation of 576 terms: a few ulps of the largest partial sums
+        assert (got.double() - expected).abs().max() <= 1e-5 * (x.double().abs() @ reference.abs().T).max()
+
+
+def test_matmul_keeps_leading_dimensions():
+    weight = packed(QuantSpec(4, 128))
+    x = rows_of(6).reshape(2, 3, 576)
+    y = cpu.matmul(x, weight, cpu.zero_scales(weight))
+    assert y.shape == (2, 3, 40)
+    torch.testing.assert_close(y, F.linear(x, weight.dequantize()), rtol=1e-5, atol=1e-4)
+
+
+def test_int8_matmul_matches_the_scaled_weight():
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randint(-127, 128, (300, 64), generator=gen, dtype=torch.int8)
+    scales = torch.rand(300, generator=gen)
+    x = rows_of(5, 64)
+    expected = x.double() @ (q.double() * scales.double()[:, None]).T
+    assert (cpu.int8_matmul(x, q, scales).double() - expected).abs().max() <= 1e-5 * expected.abs().max()
+
+
+def test_supported_layouts():
+    assert cpu.supports(packed(QuantSpec(3, 128)))
+    assert not cpu.supports(packed(QuantSpec(4, 16)))  # groups must cover whole 32-code blocks
+    assert not cpu.supports(packed(QuantSpec(4, None), cols=200))  # in_features too
+    assert not cpu.supports(packed(QuantSpec(8, 128)))  # codes of 1 to 7 bits
+
+
+def test_a_cpu_without_avx2_is_named_as_the_reason(tmp_path, monkeypatch):
+    info = tmp_path / "cpuinfo"
+    info.write_text("flags : fpu sse2\n")
+    monkeypatch.setattr(cpu, "CPUINFO", info)
+    cpu._build.cache_clear()
+    try:
+        assert "no AVX2/FMA" in cpu.unavailable()
+    finally:
+        cpu._build.cache_clear()
+
+
+@pytest.mark.parametrize("spec", [QuantSpec(4, 128), QuantSpec(3, 128), QuantSpec(2, 64)], ids=lambda s: s.tag)
+def test_packed_linear_decodes_with_the_fused_kernel_and_prefills_bit_exactly(spec):
+    layer = PackedLinear(packed(spec), bias=torch.randn(40))
+    decode, prefill = rows_of(CPU_MATMUL_MAX_ROWS), rows_of(CPU_MATMUL_MAX_ROWS + 1)
+    assert layer.path(decode) == "cpu_matmul" and layer.path(prefill) == "cpu_dequantize"
+    torch.testing.assert_close(layer(decode), F.linear(decode, layer.dequantized_weight(), layer.bias),
+                               rtol=1e-5, atol=1e-4)
+    # prefill and perplexity: the kernels' dequantization, so the fake-quantized arithmetic exactly
+    assert torch.equal(layer(prefill), F.linear(prefill, layer.dequantized_weight(), layer.bias))
