@@ -31,7 +31,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from omniquant import kernels
 from omniquant.kernels import cpu as cpu_kernels
-from omniquant.packing import PACKED_TENSORS, PackedWeight, load_packed, spec_of
+from omniquant.packing import INT8_TENSORS, PACKED_TENSORS, PackedWeight, load_packed, spec_of
 
 INT4_CPU_GROUPS = (32, 64, 128, 256)
 INT4_CPU_OFFSET = 8  # torch's int4 kernels decode q - 8
@@ -112,6 +112,34 @@ class PackedLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, {self.spec.tag}, bias={bias}"
 
 
+class Int8Linear(nn.Module):
+    """A bias-free linear on int8 rows with one float32 scale each (the 8-bit LM head of
+    :mod:`omniquant.packing`): the CPU kernels' int8 matmul for float32 decoding rows, else dequantize."""
+
+    def __init__(self, int8_weight: torch.Tensor, int8_scales: torch.Tensor):
+        super().__init__()
+        self.register_buffer("int8_weight", int8_weight)
+        self.register_buffer("int8_scales", int8_scales)
+        self.out_features, self.in_features = int8_weight.shape
+
+    def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return (self.int8_weight.float() * self.int8_scales[:, None]).to(dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.numel() // self.in_features
+        if (x.device.type == "cpu" and x.dtype == torch.float32 and rows <= CPU_MATMUL_MAX_ROWS
+                and self.in_features % 8 == 0 and _cpu_kernels_built()):
+            return cpu_kernels.int8_matmul(x, self.int8_weight, self.int8_scales)
+        return F.linear(x, self.dequantized_weight(x.dtype))
+
+
+class Int8Embedding(Int8Linear):
+    """An embedding lookup on the same int8 rows and scales (``float32`` rows ``q·s``)."""
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(ids, self.int8_weight).float() * self.int8_scales[ids].unsqueeze(-1)
+
+
 def _cpu_kernels_built() -> bool:
     """Whether :mod:`omniquant.kernels.cpu` runs here (built on the first call); warns once if not."""
     reason = cpu_kernels.unavailable()
@@ -135,6 +163,12 @@ def load_packed_model(path: str | Path) -> nn.Module:
         weight = PackedWeight(*(tensors[f"{name}.{t}"] for t in PACKED_TENSORS), in_features, spec)
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent), child, PackedLinear(weight, tensors.get(f"{name}.bias")))
+    for path, stored in header.get("int8", {}).items():  # 8-bit embeddings (a tied pair shares its tensors)
+        int8 = [tensors[f"{stored}.{t}"] for t in INT8_TENSORS]
+        tensors |= {f"{path}.{t}": x for t, x in zip(INT8_TENSORS, int8)}
+        layer = Int8Embedding if isinstance(model.get_submodule(path), nn.Embedding) else Int8Linear
+        parent, _, child = path.rpartition(".")
+        setattr(model.get_submodule(parent), child, layer(*int8))
     tensors |= {alias: tensors[stored] for alias, stored in header["aliases"].items()}
     model.load_state_dict(tensors, strict=True, assign=True)
     for module in model.modules():  # non-persistent buffers (rotary inv_freq, embedding scales) are not in the file

@@ -25,7 +25,15 @@ packed linear, every other state-dict tensor (embeddings, norms, biases, ``lm_he
 own name, each tied tensor once. Metadata: ``format`` (``omniquant-packed``), ``format_version``
 (``1``) and ``header``, a JSON object with ``bits``, ``group_size``, ``symmetric``,
 ``scale_dtype``, ``dtype`` (of the other tensors), ``config`` (the HF config), ``linears``
-(``{path: [out, in]}``) and ``aliases`` (``{tied name: stored name}``).
+(``{path: [out, in]}``), ``aliases`` (``{tied name: stored name}``) and ``int8``
+(``{module path: stored module path}``, empty unless asked for).
+
+**8-bit embeddings** (``embedding_bits=8``). The input embedding and the LM head, the largest
+float tensors of a small model (SmolLM2-135M: 28M of its 135M weights, tied), can be stored as
+``<module>.int8_weight`` (int8 ``[rows, cols]``) and ``<module>.int8_scales`` (float32 ``[rows]``):
+symmetric per row, ``s = max|w|/127``, ``w ≈ q·s``. A tied pair is stored once (``int8`` maps
+both module paths to it). This is a lossy option on top of the method's quantization: its
+perplexity cost is measured by the pack stage.
 """
 from __future__ import annotations
 
@@ -48,6 +56,8 @@ FORMAT = "omniquant-packed"
 FORMAT_VERSION = 1
 WORD_BITS = 32
 PACKED_TENSORS = ("qweight", "scales", "qzeros")
+INT8_TENSORS = ("int8_weight", "int8_scales")
+EMBEDDING_BITS = (8,)  # the widths embedding_bits= takes
 
 
 def planes(bits: int) -> tuple[tuple[int, int], ...]:
@@ -172,13 +182,42 @@ def codes_from_weight(weight: torch.Tensor, scales: torch.Tensor, zeros: torch.T
     return codes
 
 
-def pack_model(model: nn.Module, qparams: dict[str, dict[str, torch.Tensor]],
-               spec: QuantSpec) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+def int8_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-row int8 codes and float32 scales of ``weight [rows, cols]``: ``w ≈ q·s``."""
+    w = weight.float()
+    scales = (w.abs().amax(dim=1) / 127).clamp_min(torch.finfo(torch.float32).tiny)
+    return torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8), scales
+
+
+def _int8_embeddings(model: nn.Module, state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The 8-bit input embedding and LM head (module docstring), popped from ``state``."""
+    tensors: dict[str, torch.Tensor] = {}
+    stored: dict[int, str] = {}
+    mapping: dict[str, str] = {}
+    names = {id(m): name for name, m in model.named_modules()}
+    for module in (model.get_input_embeddings(), model.get_output_embeddings()):
+        if type(module) not in (nn.Embedding, nn.Linear) or getattr(module, "bias", None) is not None:
+            raise ValueError(f"8-bit embeddings need a plain nn.Embedding / bias-free nn.Linear, got {type(module).__name__}")
+        path, ptr = names[id(module)], module.weight.data_ptr()
+        if ptr not in stored:
+            stored[ptr] = path
+            q, scales = int8_rows(module.weight.detach())
+            tensors |= {f"{path}.int8_weight": q, f"{path}.int8_scales": scales}
+        mapping[path] = stored[ptr]
+        state.pop(f"{path}.weight")
+    return tensors, mapping
+
+
+def pack_model(model: nn.Module, qparams: dict[str, dict[str, torch.Tensor]], spec: QuantSpec,
+               embedding_bits: int | None = None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Tensors and header of the packed file for a fake-quantized HF model.
 
     ``qparams`` maps each quantized linear's path to its ``scales`` and ``zeros`` (the pipeline's
-    ``QuantResult.qparams``, or :func:`read_qparams` of ``qparams.safetensors``).
+    ``QuantResult.qparams``, or :func:`read_qparams` of ``qparams.safetensors``). ``embedding_bits=8``
+    stores the input embedding and LM head in 8 bits (module docstring).
     """
+    if embedding_bits not in (None, *EMBEDDING_BITS):
+        raise ValueError(f"embedding_bits must be one of {EMBEDDING_BITS} or None, got {embedding_bits}")
     try:
         packable_adapter(model)
     except UserError as err:
@@ -194,6 +233,10 @@ def pack_model(model: nn.Module, qparams: dict[str, dict[str, torch.Tensor]],
             raise ValueError(f"{path}: {err}") from None
         tensors |= {f"{path}.{name}": t for name, t in packed.tensors().items()}
         linears[path] = list(weight.shape)
+    int8: dict[str, str] = {}
+    if embedding_bits:
+        int8_tensors, int8 = _int8_embeddings(model, state)
+        tensors |= int8_tensors
     stored: dict[tuple, str] = {}
     aliases: dict[str, str] = {}
     for name, t in state.items():
@@ -213,15 +256,16 @@ def pack_model(model: nn.Module, qparams: dict[str, dict[str, torch.Tensor]],
         "config": json.loads(model.config.to_json_string()),
         "linears": linears,
         "aliases": aliases,
+        "int8": int8,
     }
     return tensors, header
 
 
 def save_packed(path: str | Path, model: nn.Module, qparams: dict[str, dict[str, torch.Tensor]],
-                spec: QuantSpec) -> Path:
+                spec: QuantSpec, embedding_bits: int | None = None) -> Path:
     """Write the packed checkpoint of a fake-quantized model to ``path`` (one safetensors file)."""
     path = Path(path)
-    tensors, header = pack_model(model, qparams, spec)
+    tensors, header = pack_model(model, qparams, spec, embedding_bits)
     meta = {"format": FORMAT, "format_version": str(FORMAT_VERSION), "header": json.dumps(header)}
     tmp = path.with_name(path.name + ".partial")
     save_file(tensors, str(tmp), metadata=meta)

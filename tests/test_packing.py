@@ -12,9 +12,10 @@ from transformers import LlamaForCausalLM
 from omniquant.arch import adapter_of
 from omniquant.block import merge_qparams
 from omniquant.models.tiny import tiny_llama
-from omniquant.packed import PackedLinear, bits_per_weight, byte_counts, load_packed_model
+from omniquant.packed import Int8Embedding, Int8Linear, PackedLinear, bits_per_weight, byte_counts, load_packed_model
 from omniquant.packing import (
     codes_from_weight,
+    int8_rows,
     load_packed,
     pack_codes,
     pack_weight,
@@ -157,6 +158,55 @@ def test_tied_embeddings_are_stored_once(tmp_path):
     ids = token_ids(config.vocab_size)
     with torch.no_grad():
         assert torch.equal(load_packed_model(path)(ids).logits, model(ids).logits)
+
+
+def _with_int8_embeddings(model: nn.Module) -> nn.Module:
+    """The model with its embedding and LM head weights replaced by their 8-bit rows ``q·s``."""
+    with torch.no_grad():
+        for module in {id(m): m for m in (model.get_input_embeddings(), model.get_output_embeddings())}.values():
+            q, s = int8_rows(module.weight)
+            module.weight.copy_(q.float() * s[:, None])
+    return model
+
+
+def test_int8_rows_round_to_the_nearest_step():
+    w = torch.randn(64, 48, generator=torch.Generator().manual_seed(0))
+    q, s = int8_rows(w)
+    assert q.dtype == torch.int8 and s.shape == (64,) and q.abs().max() == 127
+    assert ((q.float() * s[:, None] - w).abs() <= s[:, None] / 2 + 1e-7).all()
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+def test_8_bit_embeddings(tmp_path, tied):
+    config = copy.deepcopy(tiny_llama()[0].config)
+    config.tie_word_embeddings = tied
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).eval()
+    spec = QuantSpec(4, 64)
+    qparams = fake_quantize_model(model, spec)
+    plain = save_packed(tmp_path / "plain.safetensors", model, qparams, spec)
+    path = save_packed(tmp_path / "int8.safetensors", model, qparams, spec, embedding_bits=8)
+    tensors, header = load_packed(path)
+    stored = "model.embed_tokens" if tied else "lm_head"
+    assert header["int8"] == {"model.embed_tokens": "model.embed_tokens", "lm_head": stored}
+    assert not any(k.endswith("embed_tokens.weight") or k == "lm_head.weight" for k in tensors)
+    assert ("lm_head.int8_weight" in tensors) == (not tied)
+    assert path.stat().st_size < plain.stat().st_size
+    packed = load_packed_model(path)
+    assert isinstance(packed.get_input_embeddings(), Int8Embedding)
+    assert type(packed.get_output_embeddings()) is Int8Linear
+    reference = _with_int8_embeddings(model)
+    ids = token_ids(config.vocab_size)  # 32 rows: the dequantizing paths, the reference's arithmetic exactly
+    with torch.no_grad():
+        assert torch.equal(packed(ids).logits, reference(ids).logits)
+        one = ids[:1, :1]  # a decoding row: the int8 kernel for the head
+        torch.testing.assert_close(packed(one).logits, reference(one).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_embedding_bits_must_be_8():
+    model, _ = tiny_llama()
+    with pytest.raises(ValueError, match="embedding_bits must be one of"):
+        save_packed("unused.safetensors", model, {}, QuantSpec(4, 64), embedding_bits=4)
 
 
 def test_load_rejects_other_safetensors_files(tmp_path):
