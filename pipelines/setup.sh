@@ -5,11 +5,12 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 stamp=".venv/.omniquant-installed"
-want=$(sha256sum pyproject.toml | cut -d' ' -f1)
+extras="test,kernels,mlc,slurm"   # slurm: hydra-submitit-launcher + submitit (81 kB), for the submitit_local sweep test
+want=$({ sha256sum pyproject.toml; echo "$extras"; } | sha256sum | cut -d' ' -f1)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   .venv/bin/python -m pip install --quiet --upgrade pip
   # Pin torch first: an unpinned torch would pull the CUDA build (several GB).
   .venv/bin/python -m pip install --quiet torch==2.13.0
-  .venv/bin/python -m pip install --quiet -e ".[test,kernels,mlc]"
+  .venv/bin/python -m pip install --quiet -e ".[$extras]"
   echo "$want" > "$stamp"
 fi

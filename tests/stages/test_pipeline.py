@@ -156,19 +156,22 @@ def test_saved_weight_activation_checkpoint_evaluates_like_in_memory(make_cfg, d
     assert staged["calib_epochs"] == 1 and staged["calib_nsamples"] == 4
 
 
-def test_joblib_multirun_sweep_nests_cell_runs_and_leaves_dvc_outputs_alone(tmp_path, data_root):
-    """``-m`` with the joblib launcher: two cells in parallel, one MLflow parent run, outputs in the sweep dir."""
+SWEEP_CELLS = ["tiny-llama/w3a16g128/rtn", "tiny-llama/w4a16g128/rtn"]
+
+
+def _sweep(tmp_path, data_root, *launcher: str) -> str:
+    """Run a 2-cell tiny sweep (``quant=w4a16g128,w3a16g128``) with ``launcher`` overrides into ``tmp_path/sweep``
+    and check what every launcher must give: metrics in the sweep dir only, one MLflow parent run with both cell
+    runs nested under it, each with its perplexity. Returns the sweep's output."""
     env = os.environ | {"OMNIQUANT_CACHE_DIR": str(tmp_path / "cache"),
                         "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
     env.pop("OMNIQUANT_MLFLOW_PARENT_ID", None)
-    cmd = [sys.executable, "-m", "pipelines.run_cell", "-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2",
-           *SMOKE, "method=rtn", "quant=w4a16g128,w3a16g128", f"data.root={data_root}",
-           f"paths.models={tmp_path / 'models'}",
+    cmd = [sys.executable, "-m", "pipelines.run_cell", "-m", *launcher, *SMOKE, "method=rtn",
+           "quant=w4a16g128,w3a16g128", f"data.root={data_root}", f"paths.models={tmp_path / 'models'}",
            f"hydra.sweep.dir={tmp_path / 'sweep'}"]
     before = sorted((REPO / "metrics").rglob("*.json"))
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "Joblib.Parallel" in proc.stdout + proc.stderr
     written = sorted(p.relative_to(tmp_path / "sweep") for p in (tmp_path / "sweep").rglob("metrics/**/*.json"))
     assert [p.as_posix() for p in written] == ["0/metrics/tiny-llama/w4a16g128/rtn.json",
                                                "1/metrics/tiny-llama/w3a16g128/rtn.json"]
@@ -180,9 +183,29 @@ def test_joblib_multirun_sweep_nests_cell_runs_and_leaves_dvc_outputs_alone(tmp_
     runs = mlflow.search_runs(experiment_names=["omniquant"])
     parents = runs[runs["tags.omniquant.role"] == "parent"]
     assert len(parents) == 1 and parents.iloc[0]["tags.mlflow.runName"].startswith("sweep ")
-    cells = runs[runs["tags.omniquant.role"].isna()]
-    assert sorted(cells["tags.mlflow.runName"]) == ["tiny-llama/w3a16g128/rtn", "tiny-llama/w4a16g128/rtn"]
+    cells = runs[runs["tags.omniquant.role"].isna()].sort_values("tags.mlflow.runName")
+    assert list(cells["tags.mlflow.runName"]) == SWEEP_CELLS
     assert set(cells["tags.mlflow.parentRunId"]) == {parents.iloc[0]["run_id"]}
+    logged = dict(zip(cells["tags.mlflow.runName"], cells["metrics.wikitext2_ppl"]))
+    for path in written:  # <job>/metrics/<cell>.json
+        cell = path.relative_to(path.parts[0], "metrics").with_suffix("").as_posix()
+        assert read_json(tmp_path / "sweep" / path)["wikitext2_ppl"] == pytest.approx(logged[cell])
+    return proc.stdout + proc.stderr
+
+
+def test_joblib_multirun_sweep_nests_cell_runs_and_leaves_dvc_outputs_alone(tmp_path, data_root):
+    """``-m`` with the joblib launcher: two cells in parallel, one MLflow parent run, outputs in the sweep dir."""
+    assert "Joblib.Parallel" in _sweep(tmp_path, data_root, "hydra/launcher=joblib", "hydra.launcher.n_jobs=2")
+
+
+@pytest.mark.slow
+def test_submitit_local_sweep_nests_cell_runs_from_job_processes(tmp_path, data_root):
+    """``-m`` with SLURM's launcher, local executor: each cell a submitit job in its own process, nested likewise."""
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher",
+                        reason="hydra-submitit-launcher is not installed: pip install -e '.[slurm]'")
+    assert "Submitit 'local' sweep output dir" in _sweep(tmp_path, data_root, "hydra/launcher=submitit_local")
+    logs = sorted(p.name for p in (tmp_path / "sweep" / ".submitit").rglob("*_log.out"))
+    assert len(logs) == 2, logs  # one job (process) per cell
 
 
 @pytest.mark.parametrize("quant", ["w4a16g128", "w3a16g128"])
