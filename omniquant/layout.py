@@ -26,6 +26,7 @@ if TYPE_CHECKING:
 ARTIFACTS = "artifacts"
 RECORD = "quant_record.json"  # in a quantized directory: what the quantize stage did
 PACKED_FILE = "model.packed.safetensors"
+PACKED_INT8_FILE = "model.packed-int8-embeddings.safetensors"  # the same, embeddings and LM head in 8 bits
 LEARNED_FILE = "omni_parameters.safetensors"  # in a quantized directory: OmniQuant's learned parameters
 
 
@@ -76,6 +77,10 @@ class Cell:
     @property
     def packed_file(self) -> Path:
         return _cell_dir(self.out, "packed", self.model, self.setting.name, self.method) / PACKED_FILE
+
+    @property
+    def packed_int8_file(self) -> Path:
+        return self.packed_file.with_name(PACKED_INT8_FILE)
 
     @property
     def calib_file(self) -> Path:

@@ -15,9 +15,10 @@ from omniquant.stages.eval_ppl import evaluate_perplexity
 
 
 def pack(cfg: DictConfig) -> dict[str, Any]:
-    """Pack the quantize stage's weights into the low-bit layout (:mod:`omniquant.packing`), rebuild the
-    model from the packed file alone and evaluate it with the perplexity code; writes
-    ``metrics/<model>/<setting>/<method>.packed.json`` (``packed_<dataset>_ppl``, sizes, bits per weight)."""
+    """Pack the quantize stage's weights into the low-bit layout (:mod:`omniquant.packing`), twice: with
+    the embeddings and LM head as they are, and in 8 bits. Rebuild each model from its packed file
+    alone and evaluate it with the perplexity code; writes ``metrics/<model>/<setting>/<method>.packed.json``
+    (``packed_<dataset>_ppl`` and ``packed_int8_<dataset>_ppl``, sizes, bits per weight)."""
     cell = cell_of(cfg)
     spec = cell.setting.weight_spec
     if spec is None or cell.setting.act_spec is not None:
@@ -26,19 +27,22 @@ def pack(cfg: DictConfig) -> dict[str, Any]:
     check_eval_data(cfg)
     model, tokenizer, record = load_evaluated(cfg, cell)
     qparams = packing.read_qparams(cell.quantized_dir / QPARAMS_FILE)
+    files = {"packed": (cell.packed_file, None), "packed_int8": (cell.packed_int8_file, 8)}
     with staged(cell.packed_file.parent) as staging:
         try:
-            packing.save_packed(staging / cell.packed_file.name, model.cpu(), qparams, spec)
+            for path, embedding_bits in files.values():
+                packing.save_packed(staging / path.name, model.cpu(), qparams, spec, embedding_bits)
         except ValueError as err:
             raise UserError(f"pack {cell.run_name}: {err}") from None
         tokenizer.save_pretrained(staging)
     del model
-    packed = load_packed_model(cell.packed_file).to(device_of(cfg))
-    ppl = evaluate_perplexity(cfg, packed, tokenizer, f"{cell.model} packed")
     base = Path(base_checkpoint(cfg))
-    results = {f"packed_{k}" if k.endswith("_ppl") else k: v for k, v in ppl.items()} | {
-        "packed_bytes": cell.packed_file.stat().st_size,
-        "fp_bytes": sum(f.stat().st_size for f in base.glob("*.safetensors")),
-        "bits_per_weight": bits_per_weight(packed),
-    }
+    results: dict[str, Any] = {"fp_bytes": sum(f.stat().st_size for f in base.glob("*.safetensors"))}
+    for prefix, (path, _) in files.items():
+        packed = load_packed_model(path).to(device_of(cfg))
+        ppl = evaluate_perplexity(cfg, packed, tokenizer, f"{cell.model} {prefix.replace('_', ' ')}")
+        results |= {f"{prefix}_{k}" if k.endswith("_ppl") else k: v for k, v in ppl.items()}
+        results |= {f"{prefix}_bytes": path.stat().st_size}
+        if prefix == "packed":
+            results["bits_per_weight"] = bits_per_weight(packed)  # of the packed linears: the same in both
     return finish(cfg, cell, results, record, kind="packed")

@@ -222,6 +222,9 @@ def test_pack_stage_packed_model_matches_fake_quant(make_cfg, data_root, tmp_pat
     assert saved["packed_bytes"] == (tmp_path / f"artifacts/packed/tiny-llama/{quant}/rtn/model.packed.safetensors").stat().st_size
     stored = load_file(str(tmp_path / f"artifacts/packed/tiny-llama/{quant}/rtn/model.packed.safetensors"))
     assert not any(k.endswith("proj.weight") for k in stored)  # no full-precision linear weights
+    # the same with 8-bit embeddings and head: smaller, and its perplexity cost recorded
+    assert saved["packed_int8_bytes"] < saved["packed_bytes"]
+    assert saved["packed_int8_wikitext2_ppl"] == pytest.approx(fake["wikitext2_ppl"], rel=0.05)
 
 
 def test_pack_refuses_weight_activation_settings(make_cfg, data_root):
