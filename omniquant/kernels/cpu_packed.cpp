@@ -5,7 +5,8 @@
 // matmul: y = x·Wᵀ with the codes decoded in registers, for a few rows of x (decoding):
 //   y[r, n] = Σ_g s[n,g]·Σ_{k∈g} q[n,k]·x[r,k] − Σ_g (z·s)[n,g]·Σ_{k∈g} x[r,k].
 //   Each 32-code block is decoded once (a broadcast word, a variable shift and a mask per 8 codes,
-//   one plane at a time), scaled by its group's s, and multiplied into up to ROWS rows of x.
+//   one plane at a time) and multiplied into up to 4 rows of x; each group's sums are scaled by its s
+//   once, at the group's end.
 // int8_matmul: y = x·(q·s[:, None])ᵀ for an int8 matrix with one scale per row (the 8-bit LM head).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -80,17 +81,23 @@ inline void row_dot(const float* x, int64_t in, const int32_t* words, const floa
     corr[r] = 0.f;
   }
   for (int64_t g = 0; g < n_groups; ++g) {
-    const __m256 scale = _mm256_set1_ps(s[g]);
-    for (int r = 0; r < R; ++r) corr[r] += zs[g] * xsum[r * n_groups + g];
+    __m256 group_acc[R][J];  // Σ q·x over the group, scaled once at its end
+    for (int r = 0; r < R; ++r) {
+      for (int j = 0; j < J; ++j) group_acc[r][j] = _mm256_setzero_ps();
+      corr[r] += zs[g] * xsum[r * n_groups + g];
+    }
     const int64_t last = std::min<int64_t>((g + 1) * blocks_per_group, nblocks);  // a short last group
     for (int64_t b = g * blocks_per_group; b < last; ++b) {
       for (int j = 0; j < WORD / 8; ++j) {
-        const __m256 w = _mm256_mul_ps(_mm256_cvtepi32_ps(decode8<BITS>(words, nblocks, b, j)), scale);
+        const __m256 w = _mm256_cvtepi32_ps(decode8<BITS>(words, nblocks, b, j));
         const int64_t k = b * WORD + 8 * j;
         for (int r = 0; r < R; ++r)
-          acc[r][j % J] = _mm256_fmadd_ps(w, _mm256_loadu_ps(x + r * in + k), acc[r][j % J]);
+          group_acc[r][j % J] = _mm256_fmadd_ps(w, _mm256_loadu_ps(x + r * in + k), group_acc[r][j % J]);
       }
     }
+    const __m256 scale = _mm256_set1_ps(s[g]);
+    for (int r = 0; r < R; ++r)
+      for (int j = 0; j < J; ++j) acc[r][j] = _mm256_fmadd_ps(group_acc[r][j], scale, acc[r][j]);
   }
   for (int r = 0; r < R; ++r) {
     for (int j = 1; j < J; ++j) acc[r][0] = _mm256_add_ps(acc[r][0], acc[r][j]);
