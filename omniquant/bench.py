@@ -12,33 +12,36 @@ A variant is a :class:`Runner`: a prefill (prompt → last logits + KV cache) an
   but an untied input embedding), ``bandwidth_gb_s`` (:func:`memory_bandwidth`);
 - ``roofline_frac``: per decode key, ``tok/s ÷ (batch · bandwidth / bytes_per_step)``, the share
   of the weight-streaming bound (KV cache and activations not counted);
-- ``device``: the CPU model or GPU name.
+- ``device``: the CPU model or GPU name;
+- ``decode_skipped``: ``{"b{batch}_n{tokens}": reason}`` for batches above the runner's ``max_batch``.
 
 Variants (:func:`bench_variants`): ``fp`` (dense model, float32 on CPU, float16 on GPU),
 ``packed`` (:func:`omniquant.packed.load_packed_model`), ``torch_int4`` (CPU, 4-bit: the packed
 model with bfloat16 activations, so :class:`~omniquant.packed.PackedLinear` runs
-``aten._weight_int4pack_mm_for_cpu``) and ``tvm`` (CPU: :mod:`omniquant.mlc.tvm_llama`).
+``aten._weight_int4pack_mm_for_cpu``), ``tvm`` (CPU: :mod:`omniquant.mlc.tvm_llama`) and the
+llama.cpp variants of :mod:`omniquant.llamacpp` (CPU, batch 1, a GGUF file each).
 Random weights are enough (:func:`random_packed_model`): speed does not depend on weight values.
 """
 from __future__ import annotations
 
+import functools
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, LlamaConfig, PretrainedConfig
 
-from omniquant import methods
+from omniquant import llamacpp, methods
 from omniquant.errors import UserError
 from omniquant.packed import INT4_CPU_GROUPS, PackedLinear, load_packed_model
 from omniquant.packing import save_packed
 from omniquant.setting import QuantSetting
 
-VARIANTS = ("fp", "packed", "torch_int4", "tvm")
+VARIANTS = ("fp", "packed", "torch_int4", "tvm", *llamacpp.VARIANTS)
 GB = 1e9
 
 
@@ -61,6 +64,8 @@ class Runner:
     weight_bytes: int
     bytes_per_step: int
     extra: dict[str, Any] = field(default_factory=dict)  # reported as is (e.g. the TVM build time)
+    max_batch: int | None = None  # larger decode batches are skipped with ``max_batch_reason``
+    max_batch_reason: str = ""
 
 
 # ------------------------------------------------------------------------------------------ devices
@@ -141,9 +146,9 @@ def _bytes(model: nn.Module) -> tuple[int, int]:
     """Bytes of all stored tensors (tied ones once), and of those read per decode step."""
     tensors = {t.data_ptr(): t for t in model.state_dict().values()}
     total = sum(t.numel() * t.element_size() for t in tensors.values())
-    embed = model.get_input_embeddings().weight
-    tied = embed.data_ptr() == model.get_output_embeddings().weight.data_ptr()
-    return total, total - (0 if tied else embed.numel() * embed.element_size())
+    head = {t.data_ptr() for t in model.get_output_embeddings().state_dict().values()}
+    embed = [t for t in model.get_input_embeddings().state_dict().values() if t.data_ptr() not in head]
+    return total, total - sum(t.numel() * t.element_size() for t in embed)  # an untied embedding: one row a step
 
 
 def hf_runner(model: nn.Module) -> Runner:
@@ -236,8 +241,12 @@ def benchmark(make_runner: Callable[[], Runner], device: torch.device | str = "c
         ids = torch.randint(0, runner.vocab_size, (1, cfg.prefill_len), generator=gen)
         runner.prefill(ids[:, :8])  # warm-up (lazy kernel setup, allocator)
         prefill_s = _timed(lambda: runner.prefill(ids), device)
-        decode, roofline = {}, {}
+        decode, roofline, skipped = {}, {}, {}
         for batch in cfg.batches:
+            if runner.max_batch is not None and batch > runner.max_batch:
+                skipped |= {f"b{batch}_n{tokens}": f"batch {batch} > {runner.max_batch}: {runner.max_batch_reason}"
+                            for tokens in cfg.new_tokens}
+                continue
             prompt = torch.randint(0, runner.vocab_size, (batch, cfg.prompt_len), generator=gen)
             _decode(runner, *runner.prefill(prompt), steps=2)  # warm-up of this batch size
             for tokens in cfg.new_tokens:
@@ -255,6 +264,7 @@ def benchmark(make_runner: Callable[[], Runner], device: torch.device | str = "c
         "bandwidth_gb_s": bandwidth / GB,
         "roofline_frac": roofline,
         "device": device_name(device),
+        **({"decode_skipped": skipped} if skipped else {}),
         **runner.extra,
     }
 
@@ -303,26 +313,35 @@ def dense_model(packed_path: str | Path) -> nn.Module:
 
 
 def bench_variants(packed_path: str | Path, device: torch.device | str = "cpu",
-                   variants: tuple[str, ...] = VARIANTS, cfg: BenchConfig = BenchConfig()) -> dict[str, dict]:
-    """Benchmark each variant of a packed checkpoint (``fp``: :func:`dense_model`); a variant that
-    cannot run here is ``{"skipped": <reason>}``."""
+                   variants: tuple[str, ...] = VARIANTS, cfg: BenchConfig = BenchConfig(),
+                   ggufs: Mapping[str, Path] | None = None) -> dict[str, dict]:
+    """Benchmark each variant of a packed checkpoint (``fp``: :func:`dense_model`; a llama.cpp variant:
+    its file in ``ggufs``, on ``torch.get_num_threads()`` threads); a variant that cannot run here is
+    ``{"skipped": <reason>}``."""
     device = torch.device(device)
     unknown = set(variants) - set(VARIANTS)
     if unknown:
         raise UserError(f"unknown benchmark variants {sorted(unknown)}; available: {', '.join(VARIANTS)}")
+    ggufs = ggufs or {}
+    without = sorted(set(variants) & set(llamacpp.VARIANTS) - set(ggufs))
+    if without:
+        raise UserError(f"benchmark variants {without} need their GGUF file")
     dtype = torch.float16 if device.type == "cuda" else torch.float32
     bandwidth = memory_bandwidth(device, cfg.bandwidth_bytes)
     tvm_dir = tempfile.mkdtemp(prefix="omniquant-tvm-")
+    n_ctx = max(cfg.prefill_len, cfg.prompt_len + max(cfg.new_tokens))  # a llama.cpp context: the longest sequence
     builders: dict[str, Callable[[], Runner]] = {
         "fp": lambda: hf_runner(dense_model(packed_path).to(device=device, dtype=dtype)),
         "packed": lambda: packed_runner(packed_path, device, dtype),
         "torch_int4": lambda: torch_int4_runner(packed_path),
         "tvm": lambda: tvm_runner(packed_path, tvm_dir),
-    }
+    } | {name: functools.partial(llamacpp.gguf_runner, path, torch.get_num_threads(), n_ctx)
+         for name, path in ggufs.items()}
     skip = {
         "torch_int4": "CPU only (aten._weight_int4pack_mm_for_cpu)" if device.type != "cpu" else None,
         "tvm": "CPU only (TVM build for llvm)" if device.type != "cpu" else _tvm_missing(),
-    }
+    } | dict.fromkeys(llamacpp.VARIANTS, "CPU only (llama-cpp-python's CPU build)" if device.type != "cpu"
+                      else llamacpp.missing())
     results: dict[str, dict] = {}
     for name in variants:
         if skip.get(name):

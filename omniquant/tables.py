@@ -7,7 +7,8 @@
   LLaMA-1-7B rows below ours.
 - Table A1: quantization time and peak memory per model, setting and method.
 - Packed table: the packed checkpoint's perplexity beside the fake-quantized model's, sizes, bits per weight.
-- Table 3: prefill and decode tokens/s, memory and roofline share per speed variant, and the TVM build.
+- Table 3: prefill and decode tokens/s, memory and roofline share per speed variant, the TVM build, and the
+  llama.cpp rows' perplexity and logits check.
 - ``plot_perplexity``: perplexity against weight bits per method (log scale), one panel per model.
 """
 from __future__ import annotations
@@ -313,23 +314,50 @@ def _rate(value: float | None) -> str:
     return "–" if value is None else f"{value:.1f}"
 
 
-def table3(speed: Sequence[Metrics], mlc: Sequence[Metrics]) -> Table:
-    """Speed (the paper's Table 3 analogue): one row per cell and variant, the TVM build check beside."""
+LLAMA_CPP = {"llama_cpp_source": "llama.cpp (source GGUF)", "llama_cpp_export": "llama.cpp (our Q4_1 export)"}
+
+
+def _llama_cpp_note(m: Metrics, variant: str, r: Metrics, ours: Metrics) -> str:
+    """A llama.cpp row's GGUF, perplexity beside ours on the same windows, and its logits check."""
+    datasets = [k.removesuffix("_ppl") for k in r if k.endswith("_ppl")]
+    ppl = ", ".join(f"{d} {fmt_ppl(r[f'{d}_ppl'])} over {r[f'{d}_windows']} windows (ours {fmt_ppl(ours.get(f'{d}_ppl'))})"
+                    for d in datasets)
+    c = r["logits_check"]
+    tol = ", ".join(f"{k} ≤ {v:g}" for k, v in c["tolerance"].items())
+    return (f"{m['model']} {m['setting']} {m['method']} {LLAMA_CPP[variant]}: {r['gguf']['file']} "
+            f"({r['gguf']['bytes'] / 2**20:.1f} MiB), {r['n_threads']} threads, batch 1 only; perplexity {ppl}; "
+            f"logits against {r['logits_reference']} on {c['windows']} {c['dataset']} windows: max abs "
+            f"{c['max_abs_diff']:.3f}, mean abs {c['mean_abs_diff']:.4f} ({100 * c['mean_abs_diff_rel']:.1f} % of our "
+            f"logits' std {c['reference_std']:.2f}), perplexity {c['ppl']:.3f} vs "
+            f"{c['reference_ppl']:.3f} ({100 * c['ppl_rel_diff']:.2f} %): "
+            f"{'within' if c['within_tolerance'] else 'OUTSIDE'} the tolerance ({tol}).")
+
+
+def table3(speed: Sequence[Metrics], mlc: Sequence[Metrics], ppl: Sequence[Metrics] = ()) -> Table:
+    """Speed (the paper's Table 3 analogue): one row per cell and variant, the TVM build check and the
+    llama.cpp rows' perplexity (beside ``ppl``'s, ours: FP for the source GGUF, the cell for the export)
+    and logits check beside."""
     keys = sorted({k for m in speed for v in m["variants"].values() for k in v.get("decode_tok_s", {})},
                   key=lambda k: tuple(int(x) for x in re.findall(r"\d+", k)))
     builds = {(m["model"], m["setting"], m["method"]): m for m in mlc}
-    body = []
+    fake = {(m["model"], m["setting"], m["method"]): m for m in ppl}
+    body, llama_notes = [], []
     for m in sorted(speed, key=lambda m: (m["model"], *_key(m))):
         for variant, r in m["variants"].items():
+            label = LLAMA_CPP.get(variant, variant)
             if "skipped" in r:
-                body.append([m["model"], m["setting"], m["method"], variant] + ["–"] * (len(keys) + 4)
+                body.append([m["model"], m["setting"], m["method"], label] + ["–"] * (len(keys) + 4)
                             + [f"skipped: {r['skipped']}"])
                 continue
             roof = r["roofline_frac"].get(keys[0]) if keys else None
-            body.append([m["model"], m["setting"], m["method"], variant, _rate(r["prefill_tok_s"])]
+            body.append([m["model"], m["setting"], m["method"], label, _rate(r["prefill_tok_s"])]
                         + [_rate(r["decode_tok_s"].get(k)) for k in keys]
                         + [f"{r['peak_mem_gb']:.2f}", f"{r['weight_bytes'] / 2**20:.1f}",
                            "–" if roof is None else f"{100 * roof:.1f}", r["device"]])
+            if variant in LLAMA_CPP:
+                ref = (m["model"], "fp16", "fp") if variant == "llama_cpp_source" else (m["model"], m["setting"],
+                                                                                         m["method"])
+                llama_notes.append(_llama_cpp_note(m, variant, r, fake.get(ref, {})))
     notes = [f"decode columns: batch b, n new tokens (greedy); roofline: decode tokens/s at {keys[0] if keys else '–'} "
              "over (measured memory bandwidth ÷ weight bytes read per token), in %."]
     for (model, setting, method), b in sorted(builds.items()):
@@ -340,7 +368,7 @@ def table3(speed: Sequence[Metrics], mlc: Sequence[Metrics]) -> Table:
                        f"({b.get('mlc_quantization')}).")
     return Table("Table 3 — speed and memory of packed models",
                  ["model", "setting", "method", "variant", "prefill tok/s"] + [f"decode tok/s {k}" for k in keys]
-                 + ["peak mem (GB)", "weights MiB", "roofline %", "device"], body, notes)
+                 + ["peak mem (GB)", "weights MiB", "roofline %", "device"], body, notes + llama_notes)
 
 
 def write_tables(metrics_root: str | Path, out: str | Path, metric: str = "acc",
@@ -353,7 +381,7 @@ def write_tables(metrics_root: str | Path, out: str | Path, metric: str = "acc",
     written = []
     tables = (("table1", table1(records.ppl, records.seed)), ("table2", table2(records.zeroshot, metric)),
               ("tableA1", tableA1(records.ppl)), ("table_packed", table_packed(records.packed, records.ppl)),
-              ("table3", table3(records.speed, records.mlc)))
+              ("table3", table3(records.speed, records.mlc, records.ppl)))
     for name, table in tables:
         for suffix, text in ((".md", table.markdown()), (".csv", table.csv())):
             (out / f"{name}{suffix}").write_text(text)

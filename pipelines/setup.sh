@@ -5,7 +5,10 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 stamp=".venv/.omniquant-installed"
-extras="test,kernels,mlc,slurm"   # slurm: hydra-submitit-launcher + submitit (81 kB), for the submitit_local sweep test
+extras="test,kernels,mlc,slurm,bench"   # slurm: hydra-submitit-launcher + submitit (81 kB), for the submitit_local sweep test
+# bench: llama-cpp-python, compiled from its sdist (7.3 min measured on 2 busy cores) for x86-64-v3 (AVX2, FMA, F16C):
+# its default native build uses AMX where the CPU lists it, which faults in VMs that do not enable AMX.
+export CMAKE_ARGS="${CMAKE_ARGS:--DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON}"
 want=$({ sha256sum pyproject.toml; echo "$extras"; } | sha256sum | cut -d' ' -f1)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   .venv/bin/python -m pip install --quiet --upgrade pip

@@ -1,16 +1,19 @@
 """Shared fixtures: repo paths, the data root, composed configs, tiny models."""
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
+from tokenizers import Tokenizer
+from transformers import PreTrainedTokenizerFast
 
 from omniquant.arch import adapter_of
 from omniquant.block import BlockConfig, QuantBlock
-from omniquant.models.tiny import tiny_llama
+from omniquant.models.tiny import byte_tokenizer, tiny_llama
 
 REPO = Path(__file__).resolve().parent.parent
 CONF = REPO / "conf"
@@ -47,6 +50,19 @@ def make_cfg(tmp_path):
 def tiny(request):
     """A tiny random Llama (MHA and GQA) and its byte tokenizer."""
     return tiny_llama(num_key_value_heads=request.param)
+
+
+def tiny_llama_with_merges(**overrides) -> tuple[torch.nn.Module, PreTrainedTokenizerFast]:
+    """A tiny random Llama whose byte tokenizer has one merge (``Ġ Ġ``, token 258): llama.cpp refuses a
+    byte-level BPE vocabulary without merges, and gguf-py cannot write an empty merges list."""
+    spec = json.loads(byte_tokenizer().backend_tokenizer.to_str())
+    spec["model"]["vocab"]["ĠĠ"] = 258
+    spec["model"]["merges"] = [["Ġ", "Ġ"]]
+    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(json.dumps(spec)), bos_token="<s>",
+                                  eos_token="</s>")
+    model, _ = tiny_llama(**overrides)
+    model.resize_token_embeddings(len(tok), mean_resizing=False)
+    return model, tok
 
 
 @torch.no_grad()

@@ -9,8 +9,10 @@ import torch
 from omniquant.bench import (
     BenchConfig,
     bench_variants,
+    benchmark,
     dense_model,
     device_name,
+    hf_runner,
     memory_bandwidth,
     random_packed_model,
     roofline_frac,
@@ -77,3 +79,12 @@ def test_variants_report_the_documented_keys(packed):
 def test_int4_variant_is_skipped_for_3_bit(packed):
     result = bench_variants(packed[3]["path"], variants=("torch_int4",), cfg=TINY)["torch_int4"]
     assert "4-bit" in result["skipped"]
+
+
+def test_batches_above_the_runners_max_batch_are_skipped_with_its_reason():
+    runner = hf_runner(tiny_llama()[0])
+    runner.max_batch, runner.max_batch_reason = 1, "one sequence at a time"
+    r = benchmark(lambda: runner, cfg=TINY)
+    assert set(r["decode_tok_s"]) == set(r["roofline_frac"]) == {"b1_n2", "b1_n4"}
+    assert r["decode_skipped"] == dict.fromkeys(("b2_n2", "b2_n4"), "batch 2 > 1: one sequence at a time")
+    assert "decode_skipped" not in benchmark(lambda: hf_runner(tiny_llama()[0]), cfg=TINY)

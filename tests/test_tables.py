@@ -158,6 +158,26 @@ def test_table3_rows_per_variant_with_skips_and_the_tvm_check():
     assert any("logits max abs error prefill 2.0e-06" in n and "CUDA skipped: no GPU" in n for n in t.notes)
 
 
+def test_table3_llama_cpp_rows_with_their_perplexity_beside_ours_and_the_logits_check():
+    check = {"windows": 2, "dataset": "wikitext2", "max_abs_diff": 0.61, "mean_abs_diff": 0.031, "reference_std": 3.1,
+             "mean_abs_diff_rel": 0.01, "ppl": 21.9, "reference_ppl": 21.8, "ppl_rel_diff": 0.0046,
+             "tolerance": {"mean_abs_diff_rel": 0.05, "ppl_rel_diff": 0.01}, "within_tolerance": True}
+    run = {"prefill_tok_s": 900.0, "decode_tok_s": {"b1_n128": 60.0}, "decode_skipped": {"b8_n128": "batch 8 > 1"},
+           "peak_mem_gb": 0.2, "weight_bytes": 92 * 2**20, "roofline_frac": {"b1_n128": 0.4}, "device": "cpu X",
+           "n_threads": 2, "gguf": {"file": "SmolLM2-135M-Instruct.Q4_1.gguf", "bytes": 92 * 2**20, "sha256": "ab"},
+           "logits_reference": "the FP checkpoint", "wikitext2_ppl": 21.95, "wikitext2_windows": 40, "logits_check": check}
+    speed = [{"model": "m", "setting": "w4a16g32", "method": "omniquant", "variants": {
+        "llama_cpp_source": run, "llama_cpp_export": {"skipped": "no llama.cpp"}}}]
+    ppl = [{"model": "m", "setting": "fp16", "method": "fp", "wikitext2_ppl": 21.8}]
+    t = table3(speed, [], ppl)
+    assert t.rows[0][3:6] == ["llama.cpp (source GGUF)", "900.0", "60.0"]
+    assert t.rows[1][3] == "llama.cpp (our Q4_1 export)" and t.rows[1][-1] == "skipped: no llama.cpp"
+    note = next(n for n in t.notes if "llama.cpp (source GGUF)" in n)
+    assert "wikitext2 21.95 over 40 windows (ours 21.80)" in note and "2 threads, batch 1 only" in note
+    assert "max abs 0.610, mean abs 0.0310 (1.0 % of our logits' std 3.10)" in note
+    assert "within the tolerance (mean_abs_diff_rel ≤ 0.05, ppl_rel_diff ≤ 0.01)" in note
+
+
 def test_table1_shows_mean_and_std_over_seed_runs_and_the_paper_recipe_row(metrics):
     _write(metrics, "w3a16g128", "omniquant", ".seed3", wikitext2_ppl=10.5)
     _write(metrics, "w3a16g128", "omniquant", ".seed4", wikitext2_ppl=11.5)

@@ -237,7 +237,8 @@ def test_pack_refuses_weight_activation_settings(make_cfg, data_root):
 def test_mlc_compile_and_bench_speed_stages(make_cfg, data_root, tmp_path):
     """pack → mlc_compile (MLC artifacts, TVM llvm build checked against PyTorch) → bench_speed."""
     pytest.importorskip("tvm", reason="apache-tvm is not installed (pip install -e '.[mlc]')")
-    cfg = make_cfg(*SMOKE, "quant=w4a16g128", "method=rtn", f"data.root={data_root}", "bench=smoke")
+    cfg = make_cfg(*SMOKE, "quant=w4a16g128", "method=rtn", f"data.root={data_root}", "bench=smoke",
+                   "bench.llama_cpp.variants=[]")  # tests/stages/test_bench_speed.py runs those
     prepare_model(cfg)
     quantize(cfg)
     pack(cfg)
