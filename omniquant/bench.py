@@ -37,6 +37,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, PretrainedConfig
 
 from omniquant import llamacpp, methods
 from omniquant.errors import UserError
+from omniquant.metrics import cpu_model
 from omniquant.packed import INT4_CPU_GROUPS, PackedLinear, load_packed_model
 from omniquant.packing import save_packed
 from omniquant.setting import QuantSetting
@@ -72,14 +73,7 @@ class Runner:
 def device_name(device: torch.device | str, cpuinfo: str | Path = "/proc/cpuinfo") -> str:
     """The GPU's name, or the CPU model from ``cpuinfo``."""
     device = torch.device(device)
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    try:
-        lines = Path(cpuinfo).read_text().splitlines()
-    except OSError:
-        return "cpu"
-    names = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
-    return f"{names[0]} ({len(names)} logical CPUs)" if names else "cpu"
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model(cpuinfo)
 
 
 def _sync(device: torch.device) -> None:

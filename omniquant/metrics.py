@@ -9,17 +9,21 @@ from pathlib import Path
 from typing import Any
 
 
-def machine(cpuinfo: str | Path = "/proc/cpuinfo") -> str:
-    """The CPU this process runs on: model, logical CPUs and torch's vector ISA (float results depend on it)."""
-    import torch
-
+def cpu_model(cpuinfo: str | Path = "/proc/cpuinfo") -> str:
+    """The CPU model and its logical CPU count, from ``cpuinfo`` (``"cpu"`` where it cannot be read)."""
     try:
         lines = Path(cpuinfo).read_text().splitlines()
     except OSError:
-        lines = []
+        return "cpu"
     names = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
-    model = f"{names[0]} ({len(names)} logical CPUs)" if names else "cpu"
-    return f"{model}, torch {torch.backends.cpu.get_cpu_capability()}"
+    return f"{names[0]} ({len(names)} logical CPUs)" if names else "cpu"
+
+
+def machine() -> str:
+    """The CPU this process runs on and torch's vector ISA there (float results depend on both)."""
+    import torch
+
+    return f"{cpu_model()}, torch {torch.backends.cpu.get_cpu_capability()}"
 
 
 def peak_rss_gb() -> float:

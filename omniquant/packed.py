@@ -21,6 +21,7 @@
 """
 from __future__ import annotations
 
+import functools
 import warnings
 from pathlib import Path
 
@@ -140,16 +141,13 @@ class Int8Embedding(Int8Linear):
         return F.embedding(ids, self.int8_weight).float() * self.int8_scales[ids].unsqueeze(-1)
 
 
+@functools.cache
 def _cpu_kernels_built() -> bool:
     """Whether :mod:`omniquant.kernels.cpu` runs here (built on the first call); warns once if not."""
     reason = cpu_kernels.unavailable()
-    if reason is not None and not _warned:
-        _warned.append(reason)
+    if reason is not None:
         warnings.warn(f"packed CPU linears dequantize (slow): {reason}", RuntimeWarning, stacklevel=3)
     return reason is None
-
-
-_warned: list[str] = []
 
 
 def load_packed_model(path: str | Path) -> nn.Module:
