@@ -6,6 +6,7 @@ A variant is a :class:`Runner`: a prefill (prompt → last logits + KV cache) an
 - ``prefill_tok_s``: tokens/s of one forward over ``1 x prefill_len`` tokens;
 - ``decode_tok_s``: ``{"b{batch}_n{tokens}": tokens/s}``, greedy decoding of exactly ``tokens`` new
   tokens per sequence after a ``prompt_len`` prompt (no EOS stop), prefill excluded;
+  both are the median of ``repeats`` timed runs (shared CPUs are noisy), the runs in ``decode_runs``;
 - ``peak_mem_gb``: peak memory while building and running the variant, above what was in use
   before (``torch.cuda.max_memory_allocated`` on GPU, the process's peak RSS on CPU);
 - ``weight_bytes`` (all stored tensors), ``bytes_per_step`` (weights read per decode step: all
@@ -15,16 +16,22 @@ A variant is a :class:`Runner`: a prefill (prompt → last logits + KV cache) an
 - ``device``: the CPU model or GPU name;
 - ``decode_skipped``: ``{"b{batch}_n{tokens}": reason}`` for batches above the runner's ``max_batch``.
 
-Variants (:func:`bench_variants`): ``fp`` (dense model, float32 on CPU, float16 on GPU),
-``packed`` (:func:`omniquant.packed.load_packed_model`), ``torch_int4`` (CPU, 4-bit: the packed
-model with bfloat16 activations, so :class:`~omniquant.packed.PackedLinear` runs
+Variants (:func:`bench_variants`), the torch ones decoded by :class:`omniquant.decode.Decoder`
+(static KV cache, our block forward): ``fp`` (dense model, float32 on CPU, float16 on GPU),
+``packed`` (:func:`omniquant.packed.load_packed_model`), ``packed_int8`` (the same with the
+8-bit embedding and LM head of the pack stage's second file), ``packed_hf`` (the packed model
+through HF's own forward and cache, to show what the decoder saves), ``torch_int4`` (CPU, 4-bit:
+the packed model with bfloat16 activations, so :class:`~omniquant.packed.PackedLinear` runs
 ``aten._weight_int4pack_mm_for_cpu``), ``tvm`` (CPU: :mod:`omniquant.mlc.tvm_llama`) and the
-llama.cpp variants of :mod:`omniquant.llamacpp` (CPU, batch 1, a GGUF file each).
+llama.cpp variants of :mod:`omniquant.llamacpp` (CPU, batch 1, a GGUF file each). The packed
+variants also get ``step_ms``: one batch-1 decode step's milliseconds in the packed linears, the
+LM head and the rest (:func:`step_profile`).
 Random weights are enough (:func:`random_packed_model`): speed does not depend on weight values.
 """
 from __future__ import annotations
 
 import functools
+import statistics
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -36,13 +43,15 @@ from torch import nn
 from transformers import AutoModelForCausalLM, LlamaConfig, PretrainedConfig
 
 from omniquant import llamacpp, methods
+from omniquant.decode import Decoder
 from omniquant.errors import UserError
 from omniquant.metrics import cpu_model
-from omniquant.packed import INT4_CPU_GROUPS, PackedLinear, load_packed_model
+from omniquant.packed import INT4_CPU_GROUPS, Int8Linear, PackedLinear, load_packed_model
 from omniquant.packing import save_packed
 from omniquant.setting import QuantSetting
 
-VARIANTS = ("fp", "packed", "torch_int4", "tvm", *llamacpp.VARIANTS)
+VARIANTS = ("fp", "packed", "packed_int8", "packed_hf", "torch_int4", "tvm", *llamacpp.VARIANTS)
+PROFILED = ("packed", "packed_int8", "packed_hf")  # variants that also get a decode-step profile
 GB = 1e9
 
 
@@ -53,6 +62,7 @@ class BenchConfig:
     new_tokens: tuple[int, ...] = (128, 512)
     prompt_len: int = 16
     bandwidth_bytes: int = 512 * 2**20  # size of the copy in :func:`memory_bandwidth`
+    repeats: int = 3  # timed runs per figure (the median is reported)
 
 
 @dataclass
@@ -67,6 +77,7 @@ class Runner:
     extra: dict[str, Any] = field(default_factory=dict)  # reported as is (e.g. the TVM build time)
     max_batch: int | None = None  # larger decode batches are skipped with ``max_batch_reason``
     max_batch_reason: str = ""
+    model: nn.Module | None = None  # the torch model it runs (for :func:`step_profile`)
 
 
 # ------------------------------------------------------------------------------------------ devices
@@ -146,7 +157,7 @@ def _bytes(model: nn.Module) -> tuple[int, int]:
 
 
 def hf_runner(model: nn.Module) -> Runner:
-    """A runner for an HF causal LM, with its own KV cache (``past_key_values``)."""
+    """A runner for an HF causal LM through its own forward and KV cache (``past_key_values``)."""
     device = next(model.parameters()).device
 
     @torch.no_grad()
@@ -160,7 +171,22 @@ def hf_runner(model: nn.Module) -> Runner:
         return out.logits[:, -1], out.past_key_values
 
     weight_bytes, per_step = _bytes(model)
-    return Runner(prefill, step, model.config.vocab_size, weight_bytes, per_step)
+    return Runner(prefill, step, model.config.vocab_size, weight_bytes, per_step, model=model)
+
+
+def decoder_runner(model: nn.Module, max_len: int) -> Runner:
+    """A runner for a causal LM on :class:`omniquant.decode.Decoder` (a static cache of ``max_len`` positions)."""
+    decoder = Decoder(model, max_len)
+
+    def prefill(ids: torch.Tensor) -> tuple[torch.Tensor, Any]:
+        cache = decoder.cache(ids.shape[0])
+        return decoder(ids, cache), cache
+
+    def step(token: torch.Tensor, cache: Any) -> tuple[torch.Tensor, Any]:
+        return decoder(token, cache), cache
+
+    weight_bytes, per_step = _bytes(model)
+    return Runner(prefill, step, model.config.vocab_size, weight_bytes, per_step, model=model)
 
 
 def tvm_runner(packed_path: str | Path, out_dir: str | Path) -> Runner:
@@ -191,19 +217,19 @@ def _cast_parameters(model: nn.Module, dtype: torch.dtype) -> nn.Module:
     return model
 
 
-def packed_runner(packed_path: str | Path, device: torch.device | str, dtype: torch.dtype) -> Runner:
+def packed_model(packed_path: str | Path, device: torch.device | str, dtype: torch.dtype) -> nn.Module:
     """The packed model with float parameters (hence activations) in ``dtype``."""
-    return hf_runner(_cast_parameters(load_packed_model(packed_path).to(device), dtype))
+    return _cast_parameters(load_packed_model(packed_path).to(device), dtype)
 
 
-def torch_int4_runner(packed_path: str | Path) -> Runner:
+def torch_int4_model(packed_path: str | Path) -> nn.Module:
     """The packed 4-bit model on CPU with bfloat16 activations: torch's vectorized int4 kernel."""
     model = _cast_parameters(load_packed_model(packed_path), torch.bfloat16)
     layers = [m for m in model.modules() if isinstance(m, PackedLinear)]
     if not all(m.int4_cpu for m in layers):
         raise UserError(f"torch's int4 CPU kernel needs 4-bit weights in groups of {INT4_CPU_GROUPS} and output "
                         f"sizes that are multiples of 16; this checkpoint is {layers[0].spec.tag}")
-    return hf_runner(model)
+    return model
 
 
 # ------------------------------------------------------------------------------------------ timing
@@ -221,9 +247,41 @@ def _decode(runner: Runner, logits: torch.Tensor, cache: Any, steps: int) -> Non
         logits, cache = runner.step(logits.argmax(-1, keepdim=True), cache)
 
 
+def step_profile(runner: Runner, prompt: torch.Tensor, steps: int = 32) -> dict[str, float]:
+    """Milliseconds per batch-1 decode step after ``prompt``: ``total`` (timed without hooks), and
+    within it the packed linears and the LM head (timed by forward hooks on ``runner.model``'s
+    :class:`~omniquant.packed.PackedLinear` modules and head in a second run); ``other`` is the rest
+    (norms, attention, rotary, Python)."""
+    model = runner.model
+    logits, cache = runner.prefill(prompt)
+    start = time.perf_counter()
+    _decode(runner, logits, cache, steps)
+    total = 1e3 * (time.perf_counter() - start) / steps
+    spent = {"linears": 0.0, "head": 0.0}
+    started: dict[int, float] = {}
+    parts = [(m, "linears") for m in model.modules() if isinstance(m, PackedLinear)]
+    parts.append((model.get_output_embeddings(), "head"))
+    handles = []
+    for module, part in parts:
+        handles.append(module.register_forward_pre_hook(lambda m, _: started.__setitem__(id(m), time.perf_counter())))
+        handles.append(module.register_forward_hook(
+            lambda m, _i, _o, part=part: spent.__setitem__(part, spent[part] + time.perf_counter() - started[id(m)])))
+    try:
+        logits, cache = runner.prefill(prompt)
+        spent |= dict.fromkeys(spent, 0.0)
+        _decode(runner, logits, cache, steps)
+    finally:
+        for handle in handles:
+            handle.remove()
+    ms = {part: 1e3 * t / steps for part, t in spent.items()}
+    return ms | {"other": total - sum(ms.values()), "total": total, "steps": steps}
+
+
 def benchmark(make_runner: Callable[[], Runner], device: torch.device | str = "cpu",
-              cfg: BenchConfig = BenchConfig(), bandwidth: float | None = None, seed: int = 0) -> dict[str, Any]:
-    """Build a variant with ``make_runner`` and time it (keys: module docstring).
+              cfg: BenchConfig = BenchConfig(), bandwidth: float | None = None, seed: int = 0,
+              profile: bool = False) -> dict[str, Any]:
+    """Build a variant with ``make_runner`` and time it (keys: module docstring); ``profile`` adds
+    ``step_ms`` (:func:`step_profile`, batch 1) after the timed runs.
 
     ``bandwidth`` (bytes/s) defaults to :func:`memory_bandwidth` measured now.
     """
@@ -234,8 +292,8 @@ def benchmark(make_runner: Callable[[], Runner], device: torch.device | str = "c
         runner = make_runner()
         ids = torch.randint(0, runner.vocab_size, (1, cfg.prefill_len), generator=gen)
         runner.prefill(ids[:, :8])  # warm-up (lazy kernel setup, allocator)
-        prefill_s = _timed(lambda: runner.prefill(ids), device)
-        decode, roofline, skipped = {}, {}, {}
+        prefill_s = statistics.median(_timed(lambda: runner.prefill(ids), device) for _ in range(cfg.repeats))
+        decode, roofline, skipped, runs = {}, {}, {}, {}
         for batch in cfg.batches:
             if runner.max_batch is not None and batch > runner.max_batch:
                 skipped |= {f"b{batch}_n{tokens}": f"batch {batch} > {runner.max_batch}: {runner.max_batch_reason}"
@@ -244,14 +302,20 @@ def benchmark(make_runner: Callable[[], Runner], device: torch.device | str = "c
             prompt = torch.randint(0, runner.vocab_size, (batch, cfg.prompt_len), generator=gen)
             _decode(runner, *runner.prefill(prompt), steps=2)  # warm-up of this batch size
             for tokens in cfg.new_tokens:
-                logits, cache = runner.prefill(prompt)
                 key = f"b{batch}_n{tokens}"
-                decode[key] = batch * tokens / _timed(lambda: _decode(runner, logits, cache, tokens), device)
+                runs[key] = []
+                for _ in range(cfg.repeats):
+                    logits, cache = runner.prefill(prompt)
+                    runs[key].append(batch * tokens / _timed(lambda: _decode(runner, logits, cache, tokens), device))
+                decode[key] = statistics.median(runs[key])
                 roofline[key] = roofline_frac(decode[key], bandwidth, runner.bytes_per_step / batch)
         peak = memory.peak()
+        steps = step_profile(runner, torch.randint(0, runner.vocab_size, (1, cfg.prompt_len), generator=gen),
+                             min(32, max(cfg.new_tokens))) if profile and runner.model is not None else None
     return {
         "prefill_tok_s": cfg.prefill_len / prefill_s,
         "decode_tok_s": decode,
+        "decode_runs": runs,
         "peak_mem_gb": peak / GB,
         "weight_bytes": runner.weight_bytes,
         "bytes_per_step": runner.bytes_per_step,
@@ -259,6 +323,7 @@ def benchmark(make_runner: Callable[[], Runner], device: torch.device | str = "c
         "roofline_frac": roofline,
         "device": device_name(device),
         **({"decode_skipped": skipped} if skipped else {}),
+        **({"step_ms": steps} if steps else {}),
         **runner.extra,
     }
 
@@ -273,8 +338,9 @@ def llama2_7b_config(**overrides: Any) -> LlamaConfig:
 
 
 def random_packed_model(config: PretrainedConfig, setting: QuantSetting, path: str | Path,
-                        seed: int = 0) -> dict[str, Any]:
-    """Pack a random-weight model of ``config``'s shape, RTN-quantized at ``setting``, to ``path``.
+                        seed: int = 0, embedding_bits: int | None = None) -> dict[str, Any]:
+    """Pack a random-weight model of ``config``'s shape, RTN-quantized at ``setting``, to ``path``
+    (``embedding_bits``: as :func:`omniquant.packing.save_packed`).
 
     Stands in for a calibrated checkpoint of the same shape in speed benchmarks. Returns the path,
     the parameter count and a note saying so.
@@ -283,7 +349,7 @@ def random_packed_model(config: PretrainedConfig, setting: QuantSetting, path: s
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
     _, result = methods.quantize(model, setting, "rtn")
     return {
-        "path": save_packed(path, model, result.qparams, setting.weight_spec),
+        "path": save_packed(path, model, result.qparams, setting.weight_spec, embedding_bits),
         "parameters": sum(p.numel() for p in model.parameters()),
         "setting": setting.name,
         "note": f"random weights (seed {seed}): speed does not depend on weight values, only on shapes and bits",
@@ -308,10 +374,10 @@ def dense_model(packed_path: str | Path) -> nn.Module:
 
 def bench_variants(packed_path: str | Path, device: torch.device | str = "cpu",
                    variants: tuple[str, ...] = VARIANTS, cfg: BenchConfig = BenchConfig(),
-                   ggufs: Mapping[str, Path] | None = None) -> dict[str, dict]:
-    """Benchmark each variant of a packed checkpoint (``fp``: :func:`dense_model`; a llama.cpp variant:
-    its file in ``ggufs``, on ``torch.get_num_threads()`` threads); a variant that cannot run here is
-    ``{"skipped": <reason>}``."""
+                   ggufs: Mapping[str, Path] | None = None, int8_path: str | Path | None = None) -> dict[str, dict]:
+    """Benchmark each variant of a packed checkpoint (``fp``: :func:`dense_model`; ``packed_int8``: the
+    checkpoint with 8-bit embeddings at ``int8_path``; a llama.cpp variant: its file in ``ggufs``, on
+    ``torch.get_num_threads()`` threads); a variant that cannot run here is ``{"skipped": <reason>}``."""
     device = torch.device(device)
     unknown = set(variants) - set(VARIANTS)
     if unknown:
@@ -323,15 +389,18 @@ def bench_variants(packed_path: str | Path, device: torch.device | str = "cpu",
     dtype = torch.float16 if device.type == "cuda" else torch.float32
     bandwidth = memory_bandwidth(device, cfg.bandwidth_bytes)
     tvm_dir = tempfile.mkdtemp(prefix="omniquant-tvm-")
-    n_ctx = max(cfg.prefill_len, cfg.prompt_len + max(cfg.new_tokens))  # a llama.cpp context: the longest sequence
+    n_ctx = max(cfg.prefill_len, cfg.prompt_len + max(cfg.new_tokens))  # a cache or context: the longest sequence
     builders: dict[str, Callable[[], Runner]] = {
-        "fp": lambda: hf_runner(dense_model(packed_path).to(device=device, dtype=dtype)),
-        "packed": lambda: packed_runner(packed_path, device, dtype),
-        "torch_int4": lambda: torch_int4_runner(packed_path),
+        "fp": lambda: decoder_runner(dense_model(packed_path).to(device=device, dtype=dtype), n_ctx),
+        "packed": lambda: decoder_runner(packed_model(packed_path, device, dtype), n_ctx),
+        "packed_int8": lambda: decoder_runner(packed_model(int8_path, device, dtype), n_ctx),
+        "packed_hf": lambda: hf_runner(packed_model(packed_path, device, dtype)),
+        "torch_int4": lambda: decoder_runner(torch_int4_model(packed_path), n_ctx),
         "tvm": lambda: tvm_runner(packed_path, tvm_dir),
     } | {name: functools.partial(llamacpp.gguf_runner, path, torch.get_num_threads(), n_ctx)
          for name, path in ggufs.items()}
     skip = {
+        "packed_int8": None if int8_path else "no checkpoint with 8-bit embeddings was given (the pack stage writes one)",
         "torch_int4": "CPU only (aten._weight_int4pack_mm_for_cpu)" if device.type != "cpu" else None,
         "tvm": "CPU only (TVM build for llvm)" if device.type != "cpu" else _tvm_missing(),
     } | dict.fromkeys(llamacpp.VARIANTS, "CPU only (llama-cpp-python's CPU build)" if device.type != "cpu"
@@ -342,7 +411,7 @@ def bench_variants(packed_path: str | Path, device: torch.device | str = "cpu",
             results[name] = {"skipped": skip[name]}
             continue
         try:
-            results[name] = benchmark(builders[name], device, cfg, bandwidth)
+            results[name] = benchmark(builders[name], device, cfg, bandwidth, profile=name in PROFILED)
         except UserError as err:
             results[name] = {"skipped": str(err)}
     return results

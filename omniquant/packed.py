@@ -32,7 +32,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from omniquant import kernels
 from omniquant.kernels import cpu as cpu_kernels
-from omniquant.packing import INT8_TENSORS, PACKED_TENSORS, PackedWeight, load_packed, spec_of
+from omniquant.packing import INT8_TENSORS, PACKED_TENSORS, PackedWeight, load_packed, pack_weight, spec_of
 
 INT4_CPU_GROUPS = (32, 64, 128, 256)
 INT4_CPU_OFFSET = 8  # torch's int4 kernels decode q - 8
@@ -111,6 +111,22 @@ class PackedLinear(nn.Module):
     def extra_repr(self) -> str:
         bias = self.bias is not None
         return f"in_features={self.in_features}, out_features={self.out_features}, {self.spec.tag}, bias={bias}"
+
+
+def stack_rows(layers: list[PackedLinear]) -> PackedLinear:
+    """One packed linear whose output rows are those of ``layers`` in order (same input and spec),
+    e.g. q, k and v as one matmul; its codes, scales and zeros are theirs, repacked exactly."""
+    spec = layers[0].spec
+    if any(m.spec != spec or m.in_features != layers[0].in_features for m in layers):
+        raise ValueError("stacked packed linears need the same input size and quantization spec")
+    weights = [m.packed for m in layers]
+    stacked = pack_weight(torch.cat([w.codes() for w in weights]), torch.cat([w.scales for w in weights]),
+                          torch.cat([w.zeros() for w in weights]), spec)
+    biases = [m.bias for m in layers]
+    if any(b is not None for b in biases):
+        biases = [torch.zeros(m.out_features) if b is None else b for m, b in zip(layers, biases)]
+        return PackedLinear(stacked, torch.cat(biases))
+    return PackedLinear(stacked)
 
 
 class Int8Linear(nn.Module):

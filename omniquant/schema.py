@@ -22,7 +22,7 @@ CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 DATASETS = ("wikitext2", "ptb", "c4")
 DEVICES = "auto, cpu, cuda or cuda:<index>"
 DTYPES = ("auto", "float32", "float16", "bfloat16")
-BENCH_VARIANTS = ("fp", "packed", "torch_int4", "tvm")
+BENCH_VARIANTS = ("fp", "packed", "packed_int8", "packed_hf", "torch_int4", "tvm")  # omniquant.bench.VARIANTS
 BENCH_SHAPES = ("llama2-7b",)
 ZEROSHOT_METRICS = ("acc", "acc_norm")
 
@@ -214,6 +214,7 @@ def check_bench(bench: Mapping[str, Any]) -> None:
     list_of(one_of(*BENCH_VARIANTS)).check("bench.variants", list(bench.get("variants") or []))
     POSITIVE.check("bench.prefill_len", bench.get("prefill_len"))
     POSITIVE.check("bench.prompt_len", bench.get("prompt_len"))
+    POSITIVE.check("bench.repeats", bench.get("repeats"))
     list_of(POSITIVE).check("bench.batches", list(bench.get("batches") or []))
     list_of(POSITIVE).check("bench.new_tokens", list(bench.get("new_tokens") or []))
     list_of(one_of(*BENCH_SHAPES), non_empty=False).check("bench.random_shapes", list(bench.get("random_shapes") or []))

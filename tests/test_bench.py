@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from omniquant.bench import (
+    PROFILED,
     BenchConfig,
     bench_variants,
     benchmark,
@@ -29,8 +30,10 @@ KEYS = {"prefill_tok_s", "decode_tok_s", "peak_mem_gb", "weight_bytes", "rooflin
 def packed(tmp_path_factory):
     config = tiny_llama()[0].config
     out = tmp_path_factory.mktemp("bench")
-    return {bits: random_packed_model(config, QuantSetting(bits, 16, 64), out / f"w{bits}.st")
+    made = {bits: random_packed_model(config, QuantSetting(bits, 16, 64), out / f"w{bits}.st")
             for bits in (4, 3)}
+    made["int8"] = random_packed_model(config, QuantSetting(4, 16, 64), out / "w4-int8.st", embedding_bits=8)
+    return made
 
 
 def test_roofline_fraction():
@@ -62,8 +65,9 @@ def test_random_model_says_weights_do_not_matter(packed):
 
 
 def test_variants_report_the_documented_keys(packed):
-    variants = ("fp", "packed", "torch_int4") + (("tvm",) if importlib.util.find_spec("tvm") else ())
-    results = bench_variants(packed[4]["path"], variants=variants, cfg=TINY)
+    variants = ("fp", "packed", "packed_int8", "packed_hf", "torch_int4") + (
+        ("tvm",) if importlib.util.find_spec("tvm") else ())
+    results = bench_variants(packed[4]["path"], variants=variants, cfg=TINY, int8_path=packed["int8"]["path"])
     assert set(results) == set(variants)
     for name, r in results.items():
         assert KEYS <= set(r), name
@@ -74,6 +78,17 @@ def test_variants_report_the_documented_keys(packed):
             bound = batch * r["bandwidth_gb_s"] * 1e9 / r["bytes_per_step"]
             assert tok_s > 0 and r["roofline_frac"][key] == pytest.approx(tok_s / bound)
     assert results["packed"]["weight_bytes"] < results["fp"]["weight_bytes"]
+    assert results["packed_int8"]["bytes_per_step"] < results["packed"]["bytes_per_step"]
+    for name in PROFILED:  # one decode step's time, split into the packed linears, the head and the rest
+        step = results[name]["step_ms"]
+        assert step["linears"] > 0 and step["head"] > 0 and step["steps"] == 4
+        assert step["total"] == pytest.approx(step["linears"] + step["head"] + step["other"])
+    assert "step_ms" not in results["fp"]
+
+
+def test_the_int8_variant_without_its_file_is_skipped_saying_so(packed):
+    result = bench_variants(packed[4]["path"], variants=("packed_int8",), cfg=TINY)["packed_int8"]
+    assert "8-bit embeddings" in result["skipped"]
 
 
 def test_int4_variant_is_skipped_for_3_bit(packed):

@@ -35,6 +35,7 @@ def test_every_shipped_config_is_valid(overrides):
     (["data.calib.dataset=books"], "data.calib.dataset=books is invalid: allowed one of wikitext2, ptb, c4"),
     (["eval.zeroshot.metric=f1"], "eval.zeroshot.metric=f1 is invalid"),
     (["bench.variants=[gguf]"], "bench.variants=['gguf'] is invalid"),
+    (["bench.repeats=0"], "bench.repeats=0 is invalid"),
     (["calibration.epochs=-2"], "calibration.epochs=-2 is invalid"),
     (["device=cuda:x"], "device=cuda:x is invalid"),
     (["model=tiny-llama", "eval.seqlen=513"], "eval.seqlen=513 is invalid: the model's context is 512 tokens"),
@@ -75,3 +76,9 @@ def test_every_quant_conf_file_is_named_after_its_values():
     for path in sorted((CONF / "quant").glob("*.yaml")):
         values = yaml.safe_load(path.read_text())
         assert QuantSetting.from_cfg(values).name == values["name"] == path.stem, path
+
+
+def test_bench_variant_names_are_the_benchmarks():
+    from omniquant import bench, llamacpp
+
+    assert set(schema.BENCH_VARIANTS) == set(bench.VARIANTS) - set(llamacpp.VARIANTS)

@@ -8,9 +8,20 @@
 //   one plane at a time) and multiplied into up to 4 rows of x; each group's sums are scaled by its s
 //   once, at the group's end.
 // int8_matmul: y = x·(q·s[:, None])ᵀ for an int8 matrix with one scale per row (the 8-bit LM head).
+//
+// Where the CPU has AVX-512 (F + BW, checked at run time), matmul and int8_matmul take 16-lane paths
+// (functions compiled for that target). matmul's reads whole bytes of a plane instead of shifting
+// one word per 8 codes: a byte of a w-bit plane holds 8/w consecutive codes, so 16 bytes zero-extended
+// to 16 lanes, shifted by k·w and masked, give the codes m·(8/w) + k (m = 0..15). x is permuted once
+// per call to that order (one copy per plane width). 1-bit planes are masks: each 16 bits of the
+// stream select the x lanes to add. A code is Σ_planes 2^offset · plane, so each plane is dotted
+// with x on its own and the sums are weighted at the group's end.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
+
+#include <cstring>
+#include <vector>
 
 namespace {
 
@@ -105,12 +116,181 @@ inline void row_dot(const float* x, int64_t in, const int32_t* words, const floa
   }
 }
 
+// ------------------------------------------------------------------------------------------ AVX-512
+#define OMNIQUANT_AVX512 __attribute__((target("avx512f,avx512bw")))
+
+bool has_avx512() {
+  static const bool yes = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw");
+  return yes;
+}
+
+// Codes per 16-lane load of a plane of this width (16 bytes), and the x order it needs.
+constexpr int span_of(int width) { return width == 1 ? 32 : 16 * (8 / width); }
+
+// x [rows, in] in the lane order of width-w planes: within each span of 16·(8/w) codes, position
+// k·16 + m holds x[m·(8/w) + k].
+std::vector<float> permuted(const float* x, int64_t rows, int64_t in, int width) {
+  std::vector<float> out(rows * in);
+  const int per_byte = 8 / width, span = span_of(width);
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t base = 0; base < in; base += span)
+      for (int k = 0; k < per_byte; ++k)
+        for (int m = 0; m < 16; ++m) out[r * in + base + k * 16 + m] = x[r * in + base + m * per_byte + k];
+  return out;
+}
+
+OMNIQUANT_AVX512 inline float hsum512(__m512 v) { return _mm512_reduce_add_ps(v); }
+
+// One span (span_of(W) codes from k) of a width-W plane into the accumulators part[r][B..]
+// (compile-time indices, so the accumulators stay in registers).
+template <int W, int R, int B>
+OMNIQUANT_AVX512 inline void plane_span(const uint8_t* plane, const float* xp, int64_t in, int64_t k,
+                                        __m512 (&part)[R][4]) {
+  const uint8_t* src = plane + k * W / 8;
+  if constexpr (W == 1) {
+    uint32_t bits32;
+    std::memcpy(&bits32, src, 4);
+    for (int h = 0; h < 2; ++h) {
+      const __mmask16 mask = static_cast<__mmask16>(bits32 >> (16 * h));
+      for (int r = 0; r < R; ++r)
+        part[r][B + h] = _mm512_mask_add_ps(part[r][B + h], mask, part[r][B + h],
+                                            _mm512_loadu_ps(xp + r * in + k + 16 * h));
+    }
+  } else {
+    const __m512i lanes = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src)));
+    const __m512i mask = _mm512_set1_epi32((1 << W) - 1);
+    for (int j = 0; j < 8 / W; ++j) {
+      const __m512 w = _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srli_epi32(lanes, j * W), mask));
+      for (int r = 0; r < R; ++r)
+        part[r][(B + j) % 4] = _mm512_fmadd_ps(w, _mm512_loadu_ps(xp + r * in + k + 16 * j), part[r][(B + j) % 4]);
+    }
+  }
+}
+
+// Plane P (and the following ones) of codes [k0, k1) added into total[r], weighted by 2^offset.
+template <int BITS, int P, int R>
+OMNIQUANT_AVX512 inline void plane_dot(const uint8_t* bytes, int64_t nblocks, const float* const* xs, int64_t in,
+                                       int64_t k0, int64_t k1, __m512 (&total)[R]) {
+  constexpr Plane pl = plane_at<BITS>(P);
+  constexpr int span = span_of(pl.width);
+  const uint8_t* plane = bytes + 4 * nblocks * pl.offset;  // this plane's stream: in·width bits a row
+  const float* xp = xs[pl.width];
+  __m512 part[R][4];
+  for (int r = 0; r < R; ++r)
+    for (int a = 0; a < 4; ++a) part[r][a] = _mm512_setzero_ps();
+  int64_t k = k0;
+  for (; k + 2 * span <= k1; k += 2 * span) {
+    plane_span<pl.width, R, 0>(plane, xp, in, k, part);
+    plane_span<pl.width, R, 2>(plane, xp, in, k + span, part);
+  }
+  if (k < k1) plane_span<pl.width, R, 0>(plane, xp, in, k, part);
+  const __m512 weight = _mm512_set1_ps(static_cast<float>(1 << pl.offset));
+  for (int r = 0; r < R; ++r) {
+    const __m512 sum = _mm512_add_ps(_mm512_add_ps(part[r][0], part[r][1]), _mm512_add_ps(part[r][2], part[r][3]));
+    total[r] = _mm512_fmadd_ps(sum, weight, total[r]);
+  }
+  if constexpr (P + 1 < plane_count<BITS>()) plane_dot<BITS, P + 1, R>(bytes, nblocks, xs, in, k0, k1, total);
+}
+
+// One output row n against rows 0..R of x (xs[width]: x in each plane width's order, xs[1] = x).
+template <int BITS, int R>
+OMNIQUANT_AVX512 void row_dot512(const float* const* xs, int64_t in, const int32_t* words, const float* s,
+                                 const float* zs, const float* xsum, int64_t n_groups, int64_t group, float* y,
+                                 int64_t out, int64_t n) {
+  const int64_t nblocks = in / WORD;
+  const uint8_t* bytes = reinterpret_cast<const uint8_t*>(words);
+  __m512 acc[R];
+  float corr[R];
+  for (int r = 0; r < R; ++r) {
+    acc[r] = _mm512_setzero_ps();
+    corr[r] = 0.f;
+  }
+  for (int64_t g = 0; g < n_groups; ++g) {
+    const int64_t k0 = g * group, k1 = std::min<int64_t>(k0 + group, in);
+    __m512 total[R];
+    for (int r = 0; r < R; ++r) {
+      total[r] = _mm512_setzero_ps();
+      corr[r] += zs[g] * xsum[r * n_groups + g];
+    }
+    plane_dot<BITS, 0, R>(bytes, nblocks, xs, in, k0, k1, total);
+    const __m512 scale = _mm512_set1_ps(s[g]);
+    for (int r = 0; r < R; ++r) acc[r] = _mm512_fmadd_ps(total[r], scale, acc[r]);
+  }
+  for (int r = 0; r < R; ++r) y[r * out + n] = hsum512(acc[r]) - corr[r];
+}
+
+// Whether the 16-lane path takes this layout: every plane's span divides the group and in_features.
+template <int BITS>
+bool fits512(int64_t group, int64_t in) {
+  for (int p = 0; p < plane_count<BITS>(); ++p) {
+    const int span = span_of(plane_at<BITS>(p).width);
+    if (group % span != 0 || in % span != 0) return false;
+  }
+  return true;
+}
+
+template <int BITS>
+void matmul512(const float* x, int64_t rows, int64_t in, const int32_t* qweight, int64_t words_per_row,
+               const float* s, const float* zs, int64_t n_groups, int64_t group, float* y, int64_t out,
+               const std::vector<float>& xsum) {
+  std::vector<float> by_width[5];
+  const float* xs[5] = {nullptr, x, nullptr, nullptr, nullptr};
+  for (int p = 0; p < plane_count<BITS>(); ++p) {
+    const int width = plane_at<BITS>(p).width;
+    if (width > 1) {
+      by_width[width] = permuted(x, rows, in, width);
+      xs[width] = by_width[width].data();
+    }
+  }
+  at::parallel_for(0, out, GRAIN, [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n) {
+      const int32_t* words = qweight + n * words_per_row;
+      const float* sn = s + n * n_groups;
+      const float* zn = zs + n * n_groups;
+      int64_t r0 = 0;
+      for (; r0 + 2 <= rows; r0 += 2) {
+        const float* x2[5] = {nullptr, xs[1] + r0 * in, xs[2] ? xs[2] + r0 * in : nullptr, nullptr,
+                              xs[4] ? xs[4] + r0 * in : nullptr};
+        row_dot512<BITS, 2>(x2, in, words, sn, zn, xsum.data() + r0 * n_groups, n_groups, group, y + r0 * out, out, n);
+      }
+      for (; r0 < rows; ++r0) {
+        const float* x1[5] = {nullptr, xs[1] + r0 * in, xs[2] ? xs[2] + r0 * in : nullptr, nullptr,
+                              xs[4] ? xs[4] + r0 * in : nullptr};
+        row_dot512<BITS, 1>(x1, in, words, sn, zn, xsum.data() + r0 * n_groups, n_groups, group, y + r0 * out, out, n);
+      }
+    }
+  });
+}
+
+OMNIQUANT_AVX512 void int8_rows512(const float* xp, int64_t rows, int64_t in, const int8_t* qp, const float* sp,
+                                   float* yp, int64_t out, int64_t begin, int64_t end) {
+  for (int64_t n = begin; n < end; ++n) {
+    for (int64_t r = 0; r < rows; ++r) {
+      __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+      int64_t k = 0;
+      for (int i = 0; k + 16 <= in; k += 16, ++i) {
+        const __m512 w = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(
+            reinterpret_cast<const __m128i*>(qp + n * in + k))));
+        acc[i % 4] = _mm512_fmadd_ps(w, _mm512_loadu_ps(xp + r * in + k), acc[i % 4]);
+      }
+      float tail = 0.f;
+      for (; k < in; ++k) tail += static_cast<float>(qp[n * in + k]) * xp[r * in + k];
+      const __m512 sum = _mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3]));
+      yp[r * out + n] = (hsum512(sum) + tail) * sp[n];
+    }
+  }
+}
+
 template <int BITS>
 void matmul_bits(const float* x, int64_t rows, int64_t in, const int32_t* qweight, int64_t words_per_row,
                  const float* s, const float* zs, int64_t n_groups, int64_t group, float* y, int64_t out) {
   std::vector<float> xsum(rows * n_groups, 0.f);  // Σ_{k∈g} x[r, k]
   for (int64_t r = 0; r < rows; ++r)
     for (int64_t k = 0; k < in; ++k) xsum[r * n_groups + k / group] += x[r * in + k];
+  if (has_avx512() && fits512<BITS>(group, in)) {
+    matmul512<BITS>(x, rows, in, qweight, words_per_row, s, zs, n_groups, group, y, out, xsum);
+    return;
+  }
   const int64_t blocks_per_group = group / WORD;
   at::parallel_for(0, out, GRAIN, [&](int64_t begin, int64_t end) {
     for (int64_t n = begin; n < end; ++n) {
@@ -212,6 +392,10 @@ torch::Tensor int8_matmul(torch::Tensor x, torch::Tensor q, torch::Tensor scales
   const int8_t* qp = q.data_ptr<int8_t>();
   float* yp = y.data_ptr<float>();
   at::parallel_for(0, out, GRAIN * 16, [&](int64_t begin, int64_t end) {
+    if (has_avx512()) {
+      int8_rows512(xp, rows, in, qp, sp, yp, out, begin, end);
+      return;
+    }
     for (int64_t n = begin; n < end; ++n) {
       for (int64_t r0 = 0; r0 < rows; r0 += ROWS) {
         const int64_t rs = std::min<int64_t>(ROWS, rows - r0);

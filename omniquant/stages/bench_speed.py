@@ -36,12 +36,14 @@ def bench_speed(cfg: DictConfig) -> dict[str, Any]:
         raise UserError(f"bench.llama_cpp.variants: unknown {unknown}; available: {', '.join(llamacpp.VARIANTS)}")
     require_packed(cell)
     config = bench.BenchConfig(prefill_len=int(b.prefill_len), batches=tuple(b.batches),
-                               new_tokens=tuple(b.new_tokens), prompt_len=int(b.prompt_len))
+                               new_tokens=tuple(b.new_tokens), prompt_len=int(b.prompt_len),
+                               repeats=int(b.repeats))
     variants = tuple(b.variants) + llama
     with tempfile.TemporaryDirectory(prefix="omniquant-gguf-") as tmp:
         files, unavailable = _ggufs(cfg, cell, llama, device, Path(tmp))
         benched = bench.bench_variants(cell.packed_file, device, tuple(v for v in variants if v not in unavailable),
-                                       config, {name: f["path"] for name, f in files.items()})
+                                       config, {name: f["path"] for name, f in files.items()},
+                                       cell.packed_int8_file if cell.packed_int8_file.is_file() else None)
         for name, file in files.items():
             if "skipped" not in benched[name]:
                 benched[name] |= {"gguf": {"file": file["path"].name, "sha256": file["sha256"],
