@@ -77,7 +77,7 @@ class Runner:
     extra: dict[str, Any] = field(default_factory=dict)  # reported as is (e.g. the TVM build time)
     max_batch: int | None = None  # larger decode batches are skipped with ``max_batch_reason``
     max_batch_reason: str = ""
-    model: nn.Module | None = None  # the torch model it runs (for :func:`step_profile`)
+    parts: dict[str, list[nn.Module]] | None = None  # modules it calls, by part (for :func:`step_profile`)
 
 
 # ------------------------------------------------------------------------------------------ devices
@@ -171,7 +171,13 @@ def hf_runner(model: nn.Module) -> Runner:
         return out.logits[:, -1], out.past_key_values
 
     weight_bytes, per_step = _bytes(model)
-    return Runner(prefill, step, model.config.vocab_size, weight_bytes, per_step, model=model)
+    return Runner(prefill, step, model.config.vocab_size, weight_bytes, per_step, parts=_parts(model))
+
+
+def _parts(model: nn.Module, linears: list[nn.Module] | None = None) -> dict[str, list[nn.Module]]:
+    """The packed linears (``linears``, or the model's) and the LM head, as :func:`step_profile` times them."""
+    found = [m for m in model.modules() if isinstance(m, PackedLinear)] if linears is None else linears
+    return {"linears": found, "head": [model.get_output_embeddings()]}
 
 
 def decoder_runner(model: nn.Module, max_len: int) -> Runner:
@@ -186,7 +192,9 @@ def decoder_runner(model: nn.Module, max_len: int) -> Runner:
         return decoder(token, cache), cache
 
     weight_bytes, per_step = _bytes(model)
-    return Runner(prefill, step, model.config.vocab_size, weight_bytes, per_step, model=model)
+    linears = [m for layer in decoder.layers for m in (layer.qkv, layer.o, layer.gate_up, layer.down)
+               if isinstance(m, PackedLinear)]
+    return Runner(prefill, step, model.config.vocab_size, weight_bytes, per_step, parts=_parts(model, linears))
 
 
 def tvm_runner(packed_path: str | Path, out_dir: str | Path) -> Runner:
@@ -249,20 +257,16 @@ def _decode(runner: Runner, logits: torch.Tensor, cache: Any, steps: int) -> Non
 
 def step_profile(runner: Runner, prompt: torch.Tensor, steps: int = 32) -> dict[str, float]:
     """Milliseconds per batch-1 decode step after ``prompt``: ``total`` (timed without hooks), and
-    within it the packed linears and the LM head (timed by forward hooks on ``runner.model``'s
-    :class:`~omniquant.packed.PackedLinear` modules and head in a second run); ``other`` is the rest
-    (norms, attention, rotary, Python)."""
-    model = runner.model
+    within it the packed linears and the LM head (timed by forward hooks on ``runner.parts`` in a
+    second run); ``other`` is the rest (norms, attention, rotary, Python)."""
     logits, cache = runner.prefill(prompt)
     start = time.perf_counter()
     _decode(runner, logits, cache, steps)
     total = 1e3 * (time.perf_counter() - start) / steps
     spent = {"linears": 0.0, "head": 0.0}
     started: dict[int, float] = {}
-    parts = [(m, "linears") for m in model.modules() if isinstance(m, PackedLinear)]
-    parts.append((model.get_output_embeddings(), "head"))
     handles = []
-    for module, part in parts:
+    for part, module in ((p, m) for p, modules in runner.parts.items() for m in modules):
         handles.append(module.register_forward_pre_hook(lambda m, _: started.__setitem__(id(m), time.perf_counter())))
         handles.append(module.register_forward_hook(
             lambda m, _i, _o, part=part: spent.__setitem__(part, spent[part] + time.perf_counter() - started[id(m)])))
@@ -311,7 +315,7 @@ def benchmark(make_runner: Callable[[], Runner], device: torch.device | str = "c
                 roofline[key] = roofline_frac(decode[key], bandwidth, runner.bytes_per_step / batch)
         peak = memory.peak()
         steps = step_profile(runner, torch.randint(0, runner.vocab_size, (1, cfg.prompt_len), generator=gen),
-                             min(32, max(cfg.new_tokens))) if profile and runner.model is not None else None
+                             min(32, max(cfg.new_tokens))) if profile and runner.parts else None
     return {
         "prefill_tok_s": cfg.prefill_len / prefill_s,
         "decode_tok_s": decode,
@@ -423,3 +427,29 @@ def _tvm_missing() -> str | None:
     except ImportError as err:
         return f"TVM is not importable ({err})"
     return None
+
+
+def bits_sweep(config: PretrainedConfig, settings: list[QuantSetting], cfg: BenchConfig = BenchConfig(),
+               gguf: str | Path | None = None, work_dir: str | Path | None = None) -> dict[str, Any]:
+    """Decode speed against bits on one machine, in one run: random-weight packed models of
+    ``config``'s shape at each setting (with and without 8-bit embeddings, :func:`random_packed_model`),
+    the dense float model once, and llama.cpp on ``gguf`` if given (the same threads)."""
+    out = Path(work_dir or tempfile.mkdtemp(prefix="omniquant-sweep-"))
+    bandwidth = memory_bandwidth("cpu", cfg.bandwidth_bytes)
+    results: dict[str, Any] = {"device": device_name("cpu"), "bandwidth_gb_s": bandwidth / GB, "settings": {}}
+    for i, setting in enumerate(settings):
+        made = random_packed_model(config, setting, out / f"{setting.name}.safetensors")
+        int8 = random_packed_model(config, setting, out / f"{setting.name}-int8.safetensors", embedding_bits=8)
+        variants = ("packed", "packed_int8") + (("fp",) if i == 0 else ())
+        benched = bench_variants(made["path"], "cpu", variants, cfg, int8_path=int8["path"])
+        if i == 0:
+            results["fp"] = benched.pop("fp")
+        layers = [m for m in load_packed_model(made["path"]).modules() if isinstance(m, PackedLinear)]
+        bits = 8 * sum(m.packed.nbytes for m in layers) / sum(m.in_features * m.out_features for m in layers)
+        results["settings"][setting.name] = {"bits_per_weight": bits} | benched
+        results |= {"note": made["note"], "parameters": made["parameters"]}
+    if gguf is not None:
+        n_ctx = max(cfg.prefill_len, cfg.prompt_len + max(cfg.new_tokens))
+        results["llama_cpp"] = {"gguf": Path(gguf).name} | benchmark(
+            functools.partial(llamacpp.gguf_runner, gguf, torch.get_num_threads(), n_ctx), "cpu", cfg, bandwidth)
+    return results

@@ -5,6 +5,7 @@
     omniquant ppl MODEL [--dataset wikitext2] [--max-windows N] [--data-root DIR]
     omniquant pack QUANTIZED_DIR OUT_FILE          (a quantize-stage output -> low-bit packed file)
     omniquant export QUANTIZED_DIR OUT_DIR --format compressed-tensors|awq|gguf
+    omniquant speed MODEL OUT_JSON [--settings w4a16g128 ...] [--gguf FILE]   (decode speed against bits)
 
 Outputs are written to a temporary sibling (``OUT.partial-<pid>``) and renamed into place when complete.
 Exit codes: 0, 2 for bad input (one ``omniquant: error: ...`` line), 130/143 when interrupted by SIGINT/SIGTERM.
@@ -59,6 +60,15 @@ def _parser() -> argparse.ArgumentParser:
     ex.add_argument("quantized_dir")
     ex.add_argument("out_dir")
     ex.add_argument("--format", required=True, choices=sorted(export_lib.FORMATS))
+    sp = sub.add_parser("speed", help="decode tok/s against bits: random-weight packed models of MODEL's shapes "
+                                      "(omniquant.bench.bits_sweep), FP and llama.cpp in one run")
+    sp.add_argument("model", help="a model folder (its config.json gives the shapes)")
+    sp.add_argument("out_json")
+    sp.add_argument("--settings", nargs="+", default=["w4a16g128", "w3a16g128", "w2a16g64"])
+    sp.add_argument("--gguf", help="a GGUF file for llama.cpp's row (the bench extra)")
+    sp.add_argument("--new-tokens", type=int, default=128)
+    sp.add_argument("--repeats", type=int, default=3)
+    sp.add_argument("--plot", help="also write the tok/s-against-bits plot here (a .png)")
     return p
 
 
@@ -128,6 +138,27 @@ def _main(argv: list[str] | None = None) -> None:
         except ValueError as err:
             raise UserError(str(err)) from None
         print(json.dumps({"packed": str(path), "packed_bytes": path.stat().st_size}))
+    elif args.cmd == "speed":
+        from transformers import AutoConfig
+
+        from omniquant import bench
+
+        if args.gguf and not Path(args.gguf).is_file():
+            raise UserError(f"--gguf {args.gguf}: no such file")
+        config = AutoConfig.from_pretrained(_existing_model(args.model))
+        settings = [QuantSetting.parse(name) for name in args.settings]
+        cfg = bench.BenchConfig(prefill_len=128, batches=(1,), new_tokens=(args.new_tokens,), repeats=args.repeats)
+        results = bench.bits_sweep(config, settings, cfg, args.gguf)
+        out = Path(args.out_json)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(out.name + _partial())
+        tmp.write_text(json.dumps(results, indent=2) + "\n")
+        tmp.replace(out)
+        if args.plot:
+            from omniquant.tables import plot_speed
+
+            plot_speed(results, args.plot)
+        print(json.dumps({"written": str(out)} | ({"plot": args.plot} if args.plot else {})))
     elif args.cmd == "export":
         _separate(args.quantized_dir, args.out_dir)
         setting = _stage_setting(args.quantized_dir)

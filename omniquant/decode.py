@@ -8,7 +8,10 @@ the same modules:
   :func:`omniquant.packed.stack_rows`), so a layer makes four matmul calls;
 - a preallocated KV cache (:class:`StaticKV`) that returns, at each step, the keys a query attends
   to (the last ``sliding_window`` for sliding-window layers);
-- rotary tables computed once for every position, and the LM head at the last position only.
+- rotary tables computed once for every position, and the LM head at the last position only;
+- one-token float32 steps on the CPU through :mod:`omniquant.kernels.cpu`'s decode helpers (norms,
+  the attention with its rotary and cache write, the gated activation): a layer is then eight
+  calls instead of some forty small ATen ops. Prefill, other dtypes and devices use torch ops.
 
 What differs between families (norm kind, qk-norm, post-norms, activation, sliding windows)
 comes from the :mod:`omniquant.arch` adapter. It is the inference counterpart of
@@ -25,10 +28,12 @@ from torch import nn
 
 from omniquant.arch import Adapter, adapter_of
 from omniquant.errors import UserError
+from omniquant.kernels import cpu as cpu_kernels
 from omniquant.logits import head
 from omniquant.packed import PackedLinear, stack_rows
 
 Norm = tuple[torch.Tensor, float]  # the RMSNorm's multiplier (1 + w for Gemma's) and eps
+GLU_ACTS = {"silu": False, "gelu_pytorch_tanh": True}  # activation -> the kernels' glu(gelu=...)
 
 
 def _stack(modules: list[nn.Module]) -> nn.Module:
@@ -59,6 +64,7 @@ class _Layer:
     head_dim: int
     scaling: float
     window: int | None
+    gelu: bool | None  # the kernels' glu flag; None: an activation they do not have
 
 
 def _norm(adapter: Adapter, layer: nn.Module, path: str | None) -> Norm | None:
@@ -103,6 +109,7 @@ def _layer(adapter: Adapter, layer: nn.Module, config, i: int) -> _Layer:
         act_fn=layer.get_submodule(adapter.act_fn),
         heads=(module["q"].out_features // d, module["k"].out_features // d), head_dim=d,
         scaling=attn.scaling, window=adapter.sliding_window(config, i),
+        gelu=GLU_ACTS.get(getattr(config, "hidden_activation", None) or getattr(config, "hidden_act", None)),
     )
 
 
@@ -141,6 +148,8 @@ class Decoder:
         param = next(model.parameters())
         self.dtype, self.device = param.dtype, param.device
         self.rope = self._rope_tables()
+        self.fast = (self.device.type == "cpu" and self.dtype == torch.float32 and cpu_kernels.unavailable() is None
+                     and all(layer.gelu is not None for layer in self.layers))
 
     def _rope_tables(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Per layer, the first halves of HF's ``(cos, sin)``, ``[max_len, 1, head_dim / 2]`` in the model's
@@ -187,6 +196,19 @@ class Decoder:
         gate, up = layer.gate_up(_apply(layer.norms["mlp"], x)).chunk(2, dim=-1)
         return _apply(layer.norms["mlp_out"], layer.down(layer.act_fn(gate) * up))
 
+    def _fast_step(self, i: int, x: torch.Tensor, cache: StaticKV) -> torch.Tensor:
+        """Layer ``i`` on one new position per sequence through the CPU kernels' decode helpers."""
+        layer, pos = self.layers[i], cache.pos
+        norm = lambda key, t: t if layer.norms[key] is None else cpu_kernels.rms_norm(t, *layer.norms[key])
+        start = max(0, pos + 1 - layer.window) if layer.window is not None else 0
+        cos, sin = self.rope[i]
+        q_norm, k_norm = layer.norms["q"], layer.norms["k"]
+        out = cpu_kernels.attend(layer.qkv(norm("attn", x)), cos[pos], sin[pos], cache.k[i], cache.v[i], pos, start,
+                                 layer.scaling, layer.heads[0], q_norm and q_norm[0], k_norm and k_norm[0],
+                                 q_norm[1] if q_norm else 0.0)
+        x = x + norm("attn_out", layer.o(out.unsqueeze(1)))
+        return x + norm("mlp_out", layer.down(cpu_kernels.glu(layer.gate_up(norm("mlp", x)), layer.gelu)))
+
     @torch.no_grad()
     def __call__(self, ids: torch.Tensor, cache: StaticKV) -> torch.Tensor:
         """Logits ``[batch, vocab]`` after ``ids [batch, n]``, the next ``n`` positions of ``cache``.
@@ -202,6 +224,9 @@ class Decoder:
         masks = [kw["attention_mask"] for kw in self.adapter.layer_inputs(self.model, x)] if n > 1 else None
         span = slice(cache.pos, cache.pos + n)
         for i in range(len(self.layers)):
+            if self.fast and n == 1:
+                x = self._fast_step(i, x, cache)
+                continue
             x = x + self._attention(i, x, cache, None if masks is None else masks[i], span)
             x = x + self._mlp(i, x)
         cache.pos += n

@@ -292,6 +292,49 @@ def plot_perplexity(ppl: Sequence[Metrics], path: str | Path) -> Path:
     return path
 
 
+def plot_speed(sweep: Metrics, path: str | Path) -> Path:
+    """Batch-1 decode tok/s against bits per weight of a :func:`omniquant.bench.bits_sweep` (packed, with
+    and without 8-bit embeddings; FP and llama.cpp as points), each variant's bandwidth roofline
+    (``bandwidth / bytes per step``) as a line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    gb = sweep["bandwidth_gb_s"] * 1e9
+    rows = sorted(sweep["settings"].items(), key=lambda kv: kv[1]["bits_per_weight"])
+    for i, (variant, label) in enumerate((("packed", "packed, fp32 head"), ("packed_int8", "packed, 8-bit head"))):
+        runs = [(r["bits_per_weight"], r[variant]) for _, r in rows if "decode_tok_s" in r.get(variant, {})]
+        xs = [x for x, _ in runs]
+        key = next(iter(runs[0][1]["decode_tok_s"])) if runs else None
+        ax.plot(xs, [r["decode_tok_s"][key] for _, r in runs], marker="o", color=f"C{i}", label=label)
+        ax.plot(xs, [gb / r["bytes_per_step"] for _, r in runs], linestyle="--", color=f"C{i}",
+                label=f"{label}: roofline")
+        for (name, r), x in zip(rows, xs):
+            ax.annotate(name, (x, r[variant]["decode_tok_s"][key]), fontsize=7, textcoords="offset points",
+                        xytext=(4, 4))
+    for name, marker, colour in (("fp", "s", "black"), ("llama_cpp", "^", "C3")):
+        r = sweep.get(name, {})
+        if "decode_tok_s" in r:
+            ax.scatter([32 if name == "fp" else 8 * r["bytes_per_step"] / sweep["parameters"]],
+                       list(r["decode_tok_s"].values())[:1], marker=marker, color=colour,
+                       label="FP32" if name == "fp" else f"llama.cpp ({r.get('gguf', 'GGUF')})", zorder=3)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("stored bits per linear weight (scales and zeros included; FP32 at 32)")
+    ax.set_ylabel("decode tok/s, batch 1 (log scale)")
+    ax.set_title(f"decode speed against bits: {sweep['device']}")
+    ax.legend(fontsize=7)
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def table_packed(packed: Sequence[Metrics], ppl: Sequence[Metrics]) -> Table:
     """Packed checkpoints: WikiText-2 perplexity of the packed model beside the fake-quantized one, sizes."""
     fake = {(m["model"], m["setting"], m["method"]): m for m in ppl}

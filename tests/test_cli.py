@@ -143,3 +143,20 @@ def test_an_interrupted_quantize_leaves_no_partial_output(signum, tiny_dir, tmp_
         "omniquant: interrupted; run the same command again"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["q", "tiny"]  # no *.partial-<pid> left
     assert [p.name for p in out.iterdir()] == ["old"]  # the previous output is replaced only when complete
+
+
+def test_speed_command_sweeps_bits_in_one_run_and_plots(quantized, tmp_path, capsys):
+    out, plot = tmp_path / "speed.json", tmp_path / "speed.png"
+    cli.main(["speed", str(quantized), str(out), "--settings", "w4a16g32", "w2a16g32", "--new-tokens", "2",
+              "--repeats", "1", "--plot", str(plot)])
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == {"written": str(out), "plot": str(plot)}
+    sweep = json.loads(out.read_text())
+    assert set(sweep["settings"]) == {"w4a16g32", "w2a16g32"} and "fp" in sweep and "llama_cpp" not in sweep
+    four, two = sweep["settings"]["w4a16g32"], sweep["settings"]["w2a16g32"]
+    assert two["bits_per_weight"] < four["bits_per_weight"]
+    assert four["packed_int8"]["bytes_per_step"] < four["packed"]["bytes_per_step"]
+    assert four["packed"]["decode_tok_s"]["b1_n2"] > 0 and "step_ms" in four["packed_int8"]
+    assert plot.stat().st_size > 0
+    with pytest.raises(SystemExit) as err:
+        cli.main(["speed", str(quantized), str(out), "--gguf", str(tmp_path / "missing.gguf")])
+    assert err.value.code == 2 and "no such file" in capsys.readouterr().err

@@ -85,3 +85,22 @@ def test_stacked_rows_compute_the_layers_outputs_side_by_side():
     with pytest.raises(ValueError, match="same input size and quantization spec"):
         stack_rows([layers[0], PackedLinear(pack_weight(*quantize_weight(torch.randn(8, 64), QuantSpec(4, 32)),
                                                          QuantSpec(4, 32)))])
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3_text"])
+def test_one_token_steps_through_the_cpu_kernels_equal_the_torch_ops(family):
+    from omniquant.kernels import cpu
+
+    if cpu.unavailable() is not None:
+        pytest.skip(f"CPU kernels: {cpu.unavailable()}")
+    model = tiny(family)
+    ids = torch.randint(0, model.config.vocab_size, (2, 20), generator=torch.Generator().manual_seed(4))
+    fast = Decoder(model, 20)
+    assert fast.fast  # float32 on the CPU with the kernels built: the decode helpers run the steps
+    slow = Decoder(model, 20)
+    slow.fast = False
+    caches = fast.cache(2), slow.cache(2)
+    torch.testing.assert_close(fast(ids[:, :12], caches[0]), slow(ids[:, :12], caches[1]))
+    for t in range(12, 20):  # past gemma's sliding window of 8
+        torch.testing.assert_close(fast(ids[:, t:t + 1], caches[0]), slow(ids[:, t:t + 1], caches[1]),
+                                   rtol=1e-5, atol=1e-5)

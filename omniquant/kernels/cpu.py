@@ -1,4 +1,5 @@
-"""CPU kernels on the packed layout (``cpu_packed.cpp``: AVX2 + FMA), built on first use.
+"""CPU kernels on the packed layout (``cpu_packed.cpp``: AVX2 + FMA, AVX-512 where the CPU has it) and
+one-token decode helpers (``cpu_decode.cpp``), built on first use.
 
 The C++ source is compiled with torch's extension builder (ninja, the host's C++ compiler) into
 torch's extension cache (``TORCH_EXTENSIONS_DIR``) the first time a kernel is asked for: about a
@@ -9,7 +10,9 @@ fall back silently.
 - :func:`matmul`: ``x @ Wᵀ`` with the codes decoded in registers (decoding: a few rows of ``x``);
 - :func:`dequantize`: the float32 weight ``(q - z)·s``, bit-identical to
   :meth:`omniquant.packing.PackedWeight.dequantize` (prefill and perplexity: then a dense matmul);
-- :func:`int8_matmul`: ``x @ (q·s)ᵀ`` for an int8 weight with one scale per row (the 8-bit head).
+- :func:`int8_matmul`: ``x @ (q·s)ᵀ`` for an int8 weight with one scale per row (the 8-bit head);
+- :func:`rms_norm`, :func:`attend`, :func:`glu`: the norms, the attention of one new position over a
+  KV cache, and the gated activation of :class:`omniquant.decode.Decoder`'s one-token steps.
 """
 from __future__ import annotations
 
@@ -21,7 +24,7 @@ import torch
 
 from omniquant.packing import PackedWeight
 
-SOURCE = Path(__file__).with_name("cpu_packed.cpp")
+SOURCES = [Path(__file__).with_name(name) for name in ("cpu_packed.cpp", "cpu_decode.cpp")]
 CPUINFO = Path("/proc/cpuinfo")
 FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp"]
 BLOCK = 32  # codes per decoded block: in_features and the group size must be multiples of it
@@ -37,11 +40,11 @@ def _build() -> ModuleType | str:
     from torch.utils import cpp_extension
 
     try:
-        return cpp_extension.load("omniquant_cpu_packed", [str(SOURCE)], extra_cflags=FLAGS,
+        return cpp_extension.load("omniquant_cpu_packed", [str(p) for p in SOURCES], extra_cflags=FLAGS,
                                   extra_ldflags=["-fopenmp"], verbose=False)
     except (RuntimeError, OSError, ImportError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        return f"building {SOURCE.name} failed: {first}"
+        return f"building {', '.join(p.name for p in SOURCES)} failed: {first}"
 
 
 def unavailable() -> str | None:
@@ -84,3 +87,22 @@ def dequantize(weight: PackedWeight) -> torch.Tensor:
 def int8_matmul(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """``x @ (q·scales[:, None])ᵀ`` for int8 ``q [out, in]`` and float32 ``scales [out]``."""
     return _module().int8_matmul(x, q, scales)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """HF's RMSNorm ``x·rsqrt(mean(x²) + eps)·weight`` over the last dimension (float32, contiguous)."""
+    return _module().rms_norm(x, weight, eps)
+
+
+def attend(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+           pos: int, start: int, scale: float, heads: int, q_norm: torch.Tensor | None = None,
+           k_norm: torch.Tensor | None = None, eps: float = 0.0) -> torch.Tensor:
+    """One new position's attention: ``qkv [b, (heads + 2·kv)·d]`` rotated by the half tables ``cos``,
+    ``sin [d/2]`` (after per-head RMSNorms ``q_norm``/``k_norm`` if given), its k and v written to the
+    caches ``[b, kv, max_len, d]`` at ``pos``, q attending over positions ``start..pos``; ``[b, heads·d]``."""
+    return _module().attend(qkv, cos, sin, k_cache, v_cache, pos, start, scale, heads, q_norm, k_norm, eps)
+
+
+def glu(gate_up: torch.Tensor, gelu: bool) -> torch.Tensor:
+    """``act(gate)·up`` of ``[..., 2·width]`` rows ``[gate | up]``: SiLU, or tanh-approximated GELU."""
+    return _module().glu(gate_up, int(gelu))

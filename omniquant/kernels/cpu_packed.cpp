@@ -415,7 +415,17 @@ torch::Tensor int8_matmul(torch::Tensor x, torch::Tensor q, torch::Tensor scales
   return y.reshape(shape);
 }
 
+// cpu_decode.cpp
+torch::Tensor rms_norm(torch::Tensor x, torch::Tensor w, double eps);
+torch::Tensor attend(torch::Tensor qkv, torch::Tensor cos, torch::Tensor sin, torch::Tensor k_cache,
+                     torch::Tensor v_cache, int64_t pos, int64_t start, double scale, int64_t heads,
+                     c10::optional<torch::Tensor> q_norm, c10::optional<torch::Tensor> k_norm, double eps);
+torch::Tensor glu(torch::Tensor gate_up, int64_t gelu);
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("rms_norm", &rms_norm, "RMSNorm over the last dimension (float32)");
+  m.def("attend", &attend, "one new position's rotary attention over the KV cache");
+  m.def("glu", &glu, "act(gate)·up of a stacked [gate | up] row");
   m.def("matmul", &matmul, "y = x·Wᵀ on packed codes (a few rows of x)");
   m.def("dequantize", &dequantize, "the float32 weight (q - z)·s of packed codes");
   m.def("int8_matmul", &int8_matmul, "y = x·(q·s)ᵀ for an int8 weight with per-row scales");

@@ -90,3 +90,37 @@ def test_packed_linear_decodes_with_the_fused_kernel_and_prefills_bit_exactly(sp
                                rtol=1e-5, atol=1e-4)
     # prefill and perplexity: the kernels' dequantization, so the fake-quantized arithmetic exactly
     assert torch.equal(layer(prefill), F.linear(prefill, layer.dequantized_weight(), layer.bias))
+
+
+def test_decode_helpers_match_the_torch_ops():
+    gen = torch.Generator().manual_seed(5)
+    x, w = torch.randn(3, 64, generator=gen), torch.rand(64, generator=gen) + 0.5
+    reference = w * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6))
+    torch.testing.assert_close(cpu.rms_norm(x, w, 1e-6), reference)
+    gate_up = torch.randn(2, 1, 40, generator=gen)
+    gate, up = gate_up.chunk(2, dim=-1)
+    torch.testing.assert_close(cpu.glu(gate_up, False), F.silu(gate) * up)
+    torch.testing.assert_close(cpu.glu(gate_up, True), F.gelu(gate, approximate="tanh") * up)
+
+
+def test_attend_rotates_caches_and_attends_like_sdpa():
+    gen = torch.Generator().manual_seed(6)
+    b, heads, kv, d, max_len, pos = 2, 4, 2, 8, 10, 6
+    k_cache, v_cache = torch.randn(b, kv, max_len, d, generator=gen), torch.randn(b, kv, max_len, d, generator=gen)
+    qkv = torch.randn(b, (heads + 2 * kv) * d, generator=gen)
+    angle = torch.rand(d // 2, generator=gen)
+    cos, sin = angle.cos(), angle.sin()
+    k0, v0 = k_cache.clone(), v_cache.clone()
+    out = cpu.attend(qkv, cos, sin, k_cache, v_cache, pos, 2, d ** -0.5, heads)
+
+    def rotate(t):
+        t1, t2 = t.chunk(2, dim=-1)
+        return torch.cat((t1 * cos - t2 * sin, t2 * cos + t1 * sin), dim=-1)
+
+    q, k, v = qkv.view(b, heads + 2 * kv, d).split((heads, kv, kv), dim=1)
+    k0[:, :, pos], v0[:, :, pos] = rotate(k), v
+    torch.testing.assert_close(k_cache, k0)  # the new position written, rotated; the others untouched
+    torch.testing.assert_close(v_cache, v0)
+    expected = F.scaled_dot_product_attention(rotate(q)[:, :, None], k0[:, :, 2:pos + 1], v0[:, :, 2:pos + 1],
+                                              scale=d ** -0.5, enable_gqa=True)
+    torch.testing.assert_close(out, expected.reshape(b, heads * d), rtol=1e-5, atol=1e-5)

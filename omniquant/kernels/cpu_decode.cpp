@@ -1,0 +1,133 @@
+// One-token decode helpers of omniquant.decode (float32, CPU): each replaces a chain of small ATen
+// ops whose per-op overhead dominates a small model's decode step.
+//
+// rms_norm: y = x·rsqrt(mean(x²) + eps)·w over the last dimension (HF's formula, float32).
+// attend: the attention of one new position per sequence: rotate q and k (rotate_half convention,
+//   with the tables' first halves), optionally after per-head RMSNorms on q and k, write k and v
+//   into the cache at `pos`, and attend q over cache positions [start, pos] (a sliding window
+//   starts later) with a softmax in float32. Grouped-query heads read their KV head.
+// glu: act(gate)·up of a stacked [gate | up] row (SiLU, or GELU with the tanh approximation).
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <cmath>
+#include <vector>
+
+namespace {
+
+inline void norm_row(const float* x, const float* w, float eps, int64_t n, float* y) {
+  float ss = 0.f;
+  for (int64_t i = 0; i < n; ++i) ss += x[i] * x[i];
+  const float r = 1.f / std::sqrt(ss / static_cast<float>(n) + eps);
+  for (int64_t i = 0; i < n; ++i) y[i] = w[i] * (x[i] * r);
+}
+
+inline void rotate(float* x, const float* cos, const float* sin, int64_t half) {
+  for (int64_t i = 0; i < half; ++i) {
+    const float a = x[i], b = x[i + half];
+    x[i] = a * cos[i] - b * sin[i];
+    x[i + half] = b * cos[i] + a * sin[i];
+  }
+}
+
+void check_f32(const torch::Tensor& t, const char* name) {
+  TORCH_CHECK(t.dtype() == torch::kFloat32 && t.is_contiguous(), name, " must be a contiguous float32 tensor");
+}
+
+}  // namespace
+
+torch::Tensor rms_norm(torch::Tensor x, torch::Tensor w, double eps) {
+  check_f32(x, "x");
+  check_f32(w, "w");
+  const int64_t n = x.size(-1), rows = x.numel() / n;
+  TORCH_CHECK(w.numel() == n, "w must have the last dimension's size");
+  auto y = torch::empty_like(x);
+  const float *xp = x.data_ptr<float>(), *wp = w.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  for (int64_t r = 0; r < rows; ++r) norm_row(xp + r * n, wp, static_cast<float>(eps), n, yp + r * n);
+  return y;
+}
+
+torch::Tensor attend(torch::Tensor qkv, torch::Tensor cos, torch::Tensor sin, torch::Tensor k_cache,
+                     torch::Tensor v_cache, int64_t pos, int64_t start, double scale, int64_t heads,
+                     c10::optional<torch::Tensor> q_norm, c10::optional<torch::Tensor> k_norm, double eps) {
+  check_f32(qkv, "qkv");
+  check_f32(k_cache, "k_cache");
+  check_f32(v_cache, "v_cache");
+  check_f32(cos, "cos");
+  check_f32(sin, "sin");
+  const int64_t b = k_cache.size(0), kv_heads = k_cache.size(1), max_len = k_cache.size(2), d = k_cache.size(3);
+  TORCH_CHECK(qkv.numel() == b * (heads + 2 * kv_heads) * d, "qkv must hold one position's q, k and v per sequence");
+  TORCH_CHECK(pos < max_len && start <= pos && heads % kv_heads == 0, "bad cache position or head counts");
+  TORCH_CHECK(cos.numel() == d / 2 && sin.numel() == d / 2, "cos and sin must be the position's half tables");
+  auto work = qkv.reshape({b, heads + 2 * kv_heads, d}).clone();  // q and k are rotated in place
+  auto out = torch::empty({b, heads * d}, qkv.options());
+  float *wp = work.data_ptr<float>(), *kc = k_cache.data_ptr<float>(), *vc = v_cache.data_ptr<float>();
+  const float *cp = cos.data_ptr<float>(), *sp = sin.data_ptr<float>();
+  const float* qn = q_norm ? q_norm->data_ptr<float>() : nullptr;
+  const float* kn = k_norm ? k_norm->data_ptr<float>() : nullptr;
+  const int64_t half = d / 2, rep = heads / kv_heads, keys = pos - start + 1;
+  for (int64_t s = 0; s < b; ++s) {
+    float* row = wp + s * (heads + 2 * kv_heads) * d;
+    for (int64_t h = 0; h < heads + kv_heads; ++h) {
+      float* v = row + h * d;
+      const float* nw = h < heads ? qn : kn;
+      if (nw) norm_row(v, nw, static_cast<float>(eps), d, v);
+      rotate(v, cp, sp, half);
+    }
+    for (int64_t h = 0; h < kv_heads; ++h) {
+      const int64_t at = ((s * kv_heads + h) * max_len + pos) * d;
+      std::copy(row + (heads + h) * d, row + (heads + h + 1) * d, kc + at);
+      std::copy(row + (heads + kv_heads + h) * d, row + (heads + kv_heads + h + 1) * d, vc + at);
+    }
+  }
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, b * heads, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> score(keys);
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t s = i / heads, h = i % heads, g = h / rep;
+      const float* q = wp + (s * (heads + 2 * kv_heads) + h) * d;
+      const float* kbase = kc + ((s * kv_heads + g) * max_len + start) * d;
+      const float* vbase = vc + ((s * kv_heads + g) * max_len + start) * d;
+      float top = -INFINITY;
+      for (int64_t t = 0; t < keys; ++t) {
+        float dot = 0.f;
+        for (int64_t j = 0; j < d; ++j) dot += q[j] * kbase[t * d + j];
+        score[t] = dot * static_cast<float>(scale);
+        top = std::max(top, score[t]);
+      }
+      float total = 0.f;
+      for (int64_t t = 0; t < keys; ++t) total += (score[t] = std::exp(score[t] - top));
+      float* o = op + (s * heads + h) * d;
+      std::fill(o, o + d, 0.f);
+      for (int64_t t = 0; t < keys; ++t) {
+        const float p = score[t] / total;
+        for (int64_t j = 0; j < d; ++j) o[j] += p * vbase[t * d + j];
+      }
+    }
+  });
+  return out;
+}
+
+torch::Tensor glu(torch::Tensor gate_up, int64_t gelu) {
+  check_f32(gate_up, "gate_up");
+  const int64_t width = gate_up.size(-1) / 2, rows = gate_up.numel() / (2 * width);
+  auto shape = gate_up.sizes().vec();
+  shape.back() = width;
+  auto y = torch::empty(shape, gate_up.options());
+  const float* gp = gate_up.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  for (int64_t r = 0; r < rows; ++r) {
+    const float *g = gp + r * 2 * width, *u = g + width;
+    float* o = yp + r * width;
+    if (gelu) {
+      for (int64_t i = 0; i < width; ++i) {
+        const float x = g[i];
+        o[i] = 0.5f * x * (1.f + std::tanh(0.7978845608028654f * (x + 0.044715f * x * x * x))) * u[i];
+      }
+    } else {
+      for (int64_t i = 0; i < width; ++i) o[i] = g[i] / (1.f + std::exp(-g[i])) * u[i];
+    }
+  }
+  return y;
+}
