@@ -29,6 +29,25 @@ def unknown_group_option(argv: list[str], conf_dir: Path = CONF_DIR) -> str | No
     return None
 
 
+SUBMITIT = ("hydra_plugins.hydra_submitit_launcher", "the slurm extra: pip install -e '.[slurm]'")
+LAUNCHER_PLUGINS = {  # launcher -> (its plugin module, how to install it)
+    "joblib": ("hydra_plugins.hydra_joblib_launcher", "the project's dependencies: bash pipelines/setup.sh"),
+    "submitit_local": SUBMITIT, "submitit_slurm": SUBMITIT}
+
+
+def missing_launcher(argv: list[str]) -> str | None:
+    """One-line message for a ``hydra/launcher=`` whose plugin is not installed (Hydra's own is many lines)."""
+    import importlib.util
+
+    for arg in argv:
+        key, _, value = arg.lstrip("+").partition("=")
+        if key == "hydra/launcher" and value in LAUNCHER_PLUGINS:
+            module, install = LAUNCHER_PLUGINS[value]
+            if importlib.util.find_spec(module) is None:
+                return f"hydra/launcher={value} needs the {module.split('.')[-1]} plugin, from {install}"
+    return None
+
+
 def _multirun(argv: list[str]) -> bool:
     return any(a in ("-m", "--multirun") for a in argv)
 
@@ -39,7 +58,7 @@ GROUPS = {"prepare_model": ("model", "run")}  # stages that read only some group
 def check_overrides(argv: list[str], groups: tuple[str, ...] | None = None) -> None:
     """Compose the config of a single run and validate it (:mod:`omniquant.schema`) before Hydra creates
     its run folder, so that a bad override writes nothing. A sweep (``-m``) validates each job instead."""
-    problem = unknown_group_option(argv)
+    problem = unknown_group_option(argv) or missing_launcher(argv)
     if problem:
         raise UserError(problem)
     if _multirun(argv) or any(a.startswith("-") for a in argv):  # --help, --cfg, ...: Hydra's own

@@ -230,3 +230,16 @@ def test_a_damaged_checkpoint_is_one_line(tmp_path, data_root):
     for damaged in (data[: len(data) // 2], b"garbage" * 10):
         weights.write_bytes(damaged)
         assert "could not load the weights in" in _one_line(_run(tmp_path, "method=rtn"), 2, alone=False)
+
+
+def test_a_launcher_whose_plugin_is_missing_is_one_line(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "hydra_plugins.hydra_submitit_launcher" else real(name, *a))
+    with pytest.raises(UserError) as err:
+        check_overrides(["-m", *SMOKE, "method=rtn", "hydra/launcher=submitit_local"])
+    assert str(err.value) == ("hydra/launcher=submitit_local needs the hydra_submitit_launcher plugin, from the slurm "
+                              "extra: pip install -e '.[slurm]'")
+    check_overrides(["-m", *SMOKE, "method=rtn", "hydra/launcher=joblib"])  # installed: Hydra takes over
