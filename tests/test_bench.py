@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib.util
+import statistics
 
 import pytest
 import torch
@@ -22,7 +23,8 @@ from omniquant.models.tiny import tiny_llama
 from omniquant.packed import load_packed_model
 from omniquant.setting import QuantSetting
 
-TINY = BenchConfig(prefill_len=32, batches=(1, 2), new_tokens=(2, 4), prompt_len=4, bandwidth_bytes=8 * 2**20)
+TINY = BenchConfig(prefill_len=32, batches=(1, 2), new_tokens=(2, 4), prompt_len=4, bandwidth_bytes=8 * 2**20,
+                   repeats=2)
 KEYS = {"prefill_tok_s", "decode_tok_s", "peak_mem_gb", "weight_bytes", "roofline_frac", "device"}
 
 
@@ -103,3 +105,9 @@ def test_batches_above_the_runners_max_batch_are_skipped_with_its_reason():
     assert set(r["decode_tok_s"]) == set(r["roofline_frac"]) == {"b1_n2", "b1_n4"}
     assert r["decode_skipped"] == dict.fromkeys(("b2_n2", "b2_n4"), "batch 2 > 1: one sequence at a time")
     assert "decode_skipped" not in benchmark(lambda: hf_runner(tiny_llama()[0]), cfg=TINY)
+
+
+def test_each_decode_figure_is_the_median_of_its_runs(packed):
+    result = bench_variants(packed[4]["path"], variants=("packed",), cfg=TINY)["packed"]
+    for key, runs in result["decode_runs"].items():
+        assert len(runs) == TINY.repeats and result["decode_tok_s"][key] == pytest.approx(statistics.median(runs))
