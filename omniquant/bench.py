@@ -22,7 +22,8 @@ Variants (:func:`bench_variants`), the torch ones decoded by :class:`omniquant.d
 8-bit embedding and LM head of the pack stage's second file), ``packed_hf`` (the packed model
 through HF's own forward and cache, to show what the decoder saves), ``torch_int4`` (CPU, 4-bit:
 the packed model with bfloat16 activations, so :class:`~omniquant.packed.PackedLinear` runs
-``aten._weight_int4pack_mm_for_cpu``), ``tvm`` (CPU: :mod:`omniquant.mlc.tvm_llama`) and the
+``aten._weight_int4pack_mm_for_cpu``), ``tvm`` (CPU: :mod:`omniquant.mlc.tvm_llama`), ``tvm_int8``
+(its build of the checkpoint with 8-bit embeddings) and the
 llama.cpp variants of :mod:`omniquant.llamacpp` (CPU, batch 1, a GGUF file each). The packed
 variants also get ``step_ms``: one batch-1 decode step's milliseconds in the packed linears, the
 LM head and the rest (:func:`step_profile`).
@@ -50,7 +51,7 @@ from omniquant.packed import INT4_CPU_GROUPS, Int8Linear, PackedLinear, load_pac
 from omniquant.packing import save_packed
 from omniquant.setting import QuantSetting
 
-VARIANTS = ("fp", "packed", "packed_int8", "packed_hf", "torch_int4", "tvm", *llamacpp.VARIANTS)
+VARIANTS = ("fp", "packed", "packed_int8", "packed_hf", "torch_int4", "tvm", "tvm_int8", *llamacpp.VARIANTS)
 PROFILED = ("packed", "packed_int8", "packed_hf")  # variants that also get a decode-step profile
 GB = 1e9
 
@@ -401,12 +402,16 @@ def bench_variants(packed_path: str | Path, device: torch.device | str = "cpu",
         "packed_hf": lambda: hf_runner(packed_model(packed_path, device, dtype)),
         "torch_int4": lambda: decoder_runner(torch_int4_model(packed_path), n_ctx),
         "tvm": lambda: tvm_runner(packed_path, tvm_dir),
+        "tvm_int8": lambda: tvm_runner(int8_path, tvm_dir),
     } | {name: functools.partial(llamacpp.gguf_runner, path, torch.get_num_threads(), n_ctx)
          for name, path in ggufs.items()}
+    no_int8 = None if int8_path else "no checkpoint with 8-bit embeddings was given (the pack stage writes one)"
+    no_tvm = "CPU only (TVM build for llvm)" if device.type != "cpu" else _tvm_missing()
     skip = {
-        "packed_int8": None if int8_path else "no checkpoint with 8-bit embeddings was given (the pack stage writes one)",
+        "packed_int8": no_int8,
         "torch_int4": "CPU only (aten._weight_int4pack_mm_for_cpu)" if device.type != "cpu" else None,
-        "tvm": "CPU only (TVM build for llvm)" if device.type != "cpu" else _tvm_missing(),
+        "tvm": no_tvm,
+        "tvm_int8": no_tvm or no_int8,
     } | dict.fromkeys(llamacpp.VARIANTS, "CPU only (llama-cpp-python's CPU build)" if device.type != "cpu"
                       else llamacpp.missing())
     results: dict[str, dict] = {}

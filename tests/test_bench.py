@@ -68,7 +68,7 @@ def test_random_model_says_weights_do_not_matter(packed):
 
 def test_variants_report_the_documented_keys(packed):
     variants = ("fp", "packed", "packed_int8", "packed_hf", "torch_int4") + (
-        ("tvm",) if importlib.util.find_spec("tvm") else ())
+        ("tvm", "tvm_int8") if importlib.util.find_spec("tvm") else ())
     results = bench_variants(packed[4]["path"], variants=variants, cfg=TINY, int8_path=packed["int8"]["path"])
     assert set(results) == set(variants)
     for name, r in results.items():
@@ -81,6 +81,8 @@ def test_variants_report_the_documented_keys(packed):
             assert tok_s > 0 and r["roofline_frac"][key] == pytest.approx(tok_s / bound)
     assert results["packed"]["weight_bytes"] < results["fp"]["weight_bytes"]
     assert results["packed_int8"]["bytes_per_step"] < results["packed"]["bytes_per_step"]
+    if "tvm_int8" in results:
+        assert results["tvm_int8"]["bytes_per_step"] < results["tvm"]["bytes_per_step"]
     for name in PROFILED:  # one decode step's time, split into the packed linears, the head and the rest
         step = results[name]["step_ms"]
         assert step["linears"] > 0 and step["head"] > 0 and step["steps"] == 4

@@ -10,7 +10,10 @@ repacking: the bit-plane layout makes every code a shift and a mask of one word,
 dequantization happens tile by tile inside the matmul's kernel, scheduled for the host CPU by
 :mod:`omniquant.mlc.schedule` (no dequantized weight matrix in memory). Everything else (embedding,
 RMSNorm, rotary, GQA attention, SwiGLU) is float32, ``lm_head`` through the same scheduled matmul;
-the rotary frequencies are the PyTorch model's own ``inv_freq`` buffer.
+the rotary frequencies are the PyTorch model's own ``inv_freq`` buffer. A checkpoint with 8-bit
+embeddings (:func:`omniquant.packing.save_packed` ``embedding_bits=8``) keeps its int8 rows and
+per-row scales: the head dequantizes them inside the scheduled matmul, the embedding per looked-up
+row (a tied pair is passed to the build twice).
 
 **Functions.** ``prefill(ids [b, s])`` and ``decode(ids [b, s], past_k, past_v)`` return
 ``(logits [b, s, vocab], k, v)``; the KV cache is a pair of float32 tensors
@@ -36,6 +39,7 @@ from tvm.relax.frontend.nn import op
 
 from omniquant.errors import UserError
 from omniquant.mlc.schedule import LINEAR, cpu_pipeline, host_target
+from omniquant.packed import Int8Embedding as TorchInt8Embedding
 from omniquant.packed import PackedLinear
 from omniquant.packing import WORD_BITS, planes
 from omniquant.quantizer import QuantSpec
@@ -105,6 +109,37 @@ class Linear(nn.Module):
     def forward(self, x: nn.Tensor) -> nn.Tensor:
         return op.tensor_expr_op(lambda x, w: _linear(x, lambda n, k: w[n, k], self.out_features, self.in_features),
                                  "linear", [x, self.weight])
+
+
+class Int8Linear(nn.Module):
+    """The 8-bit LM head: int8 rows ``q`` with one float32 scale each, ``q·s`` inside the scheduled matmul."""
+
+    def __init__(self, in_features: int, out_features: int):
+        self.in_features, self.out_features = in_features, out_features
+        self.int8_weight = nn.Parameter((out_features, in_features), "int8")
+        self.int8_scales = nn.Parameter((out_features,), "float32")
+
+    def forward(self, x: nn.Tensor) -> nn.Tensor:
+        def f(x: te.Tensor, q: te.Tensor, s: te.Tensor) -> te.Tensor:
+            return _linear(x, lambda n, k: q[n, k].astype("float32") * s[n], self.out_features, self.in_features)
+
+        return op.tensor_expr_op(f, "int8_linear", [x, self.int8_weight, self.int8_scales])
+
+
+class Int8Embedding(nn.Module):
+    """The 8-bit embedding: the looked-up int8 rows times their scales."""
+
+    def __init__(self, vocab: int, hidden: int):
+        self.hidden = hidden
+        self.int8_weight = nn.Parameter((vocab, hidden), "int8")
+        self.int8_scales = nn.Parameter((vocab,), "float32")
+
+    def forward(self, ids: nn.Tensor) -> nn.Tensor:
+        def f(ids: te.Tensor, q: te.Tensor, s: te.Tensor) -> te.Tensor:
+            return te.compute((*ids.shape, self.hidden), lambda b, t, j: q[ids[b, t], j].astype("float32")
+                              * s[ids[b, t]], name="int8_embedding")
+
+        return op.tensor_expr_op(f, "int8_embedding", [ids, self.int8_weight, self.int8_scales])
 
 
 def _rope(x: nn.Tensor, inv_freq: nn.Tensor, offset) -> nn.Tensor:
@@ -189,8 +224,8 @@ class RotaryEmbedding(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, cfg: Any, linears: dict[str, tuple[int, int]], spec: QuantSpec):
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+    def __init__(self, cfg: Any, linears: dict[str, tuple[int, int]], spec: QuantSpec, int8: bool):
+        self.embed_tokens = (Int8Embedding if int8 else nn.Embedding)(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList([DecoderLayer(cfg, linears, spec, f"model.layers.{i}")
                                      for i in range(cfg.num_hidden_layers)])
         self.norm = nn.RMSNorm(cfg.hidden_size, -1, cfg.rms_norm_eps, bias=False)
@@ -200,9 +235,9 @@ class LlamaModel(nn.Module):
 class LlamaForCausalLM(nn.Module):
     """Parameter names are the HF state-dict names (plus ``model.rotary_emb.inv_freq``)."""
 
-    def __init__(self, cfg: Any, linears: dict[str, tuple[int, int]], spec: QuantSpec):
-        self.model = LlamaModel(cfg, linears, spec)
-        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size)
+    def __init__(self, cfg: Any, linears: dict[str, tuple[int, int]], spec: QuantSpec, int8: bool = False):
+        self.model = LlamaModel(cfg, linears, spec, int8)
+        self.lm_head = (Int8Linear if int8 else Linear)(cfg.hidden_size, cfg.vocab_size)
         self.num_layers = cfg.num_hidden_layers
 
     def _forward(self, ids: nn.Tensor, past_k: nn.Tensor | None = None, past_v: nn.Tensor | None = None):
@@ -293,7 +328,10 @@ def compile_tvm(model: tnn.Module, out_dir: str | Path) -> TVMLlama:
     _check_llama(model)
     spec, linears = _spec_of(model)
     cfg = model.config
-    module = LlamaForCausalLM(cfg, linears, spec)
+    int8 = isinstance(model.get_input_embeddings(), TorchInt8Embedding)
+    if int8 != hasattr(model.get_output_embeddings(), "int8_weight"):
+        raise UserError("the TVM build takes 8-bit embeddings only as a pair (the embedding and the head)")
+    module = LlamaForCausalLM(cfg, linears, spec, int8)
     ids = nn.spec.Tensor(["batch", "seq"], "int32")
     cache = nn.spec.Tensor([cfg.num_hidden_layers, "batch", cfg.num_key_value_heads, "past", cfg.head_dim], "float32")
     start = time.perf_counter()

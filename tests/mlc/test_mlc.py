@@ -117,3 +117,14 @@ def test_cpu_schedule_tiles_linears_whose_outputs_fill_vectors(out_features, sch
     script = func.script()
     assert bool(func.attrs and func.attrs.get("tirx.is_scheduled")) == scheduled
     assert ("T.parallel" in script and "T.vectorized" in script) == scheduled
+
+
+def test_tvm_build_of_8_bit_embeddings_matches_the_packed_model(tmp_path):
+    pytest.importorskip("tvm", reason="apache-tvm is not installed (pip install apache-tvm==0.27.0.post1)")
+    setting = QuantSetting(4, 16, 64)
+    model, _, qparams = rtn(setting, num_key_value_heads=2)
+    packed = save_packed(tmp_path / "int8.safetensors", model, qparams, setting.weight_spec, embedding_bits=8)
+    report = build_tvm(packed, tmp_path)
+    assert report["status"] == "ok"
+    assert report["prefill_max_abs_err"] < TVM_TOLERANCE and report["decode_max_abs_err"] < TVM_TOLERANCE
+    assert report["logits_max_abs"] > 0.1

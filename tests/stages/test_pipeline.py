@@ -249,7 +249,7 @@ def test_mlc_compile_and_bench_speed_stages(make_cfg, data_root, tmp_path):
     speed = bench_speed(cfg)
     saved = read_json(tmp_path / "metrics/tiny-llama/w4a16g128/rtn.speed.json")
     assert saved["device"] == speed["device"] and set(saved["variants"]) == {"fp", "packed", "packed_int8", "packed_hf",
-                                                                               "torch_int4", "tvm"}
+                                                                               "torch_int4", "tvm", "tvm_int8"}
     for variant in saved["variants"].values():
         assert variant["prefill_tok_s"] > 0 and set(variant["decode_tok_s"]) == {"b1_n4", "b2_n4"}
         assert 0 < variant["roofline_frac"]["b1_n4"]
