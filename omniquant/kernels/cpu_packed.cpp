@@ -158,9 +158,13 @@ OMNIQUANT_AVX512 inline void plane_span(const uint8_t* plane, const float* xp, i
     }
   } else {
     const __m512i lanes = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src)));
-    const __m512i mask = _mm512_set1_epi32((1 << W) - 1);
+    // codes as floats by a 16-entry table: vpermps reads the low 4 bits of each lane, so a table
+    // of i mod 2^W masks and converts in one instruction
+    constexpr int M = (1 << W) - 1;
+    const __m512 table = _mm512_setr_ps(0 & M, 1 & M, 2 & M, 3 & M, 4 & M, 5 & M, 6 & M, 7 & M, 8 & M, 9 & M, 10 & M,
+                                        11 & M, 12 & M, 13 & M, 14 & M, 15 & M);
     for (int j = 0; j < 8 / W; ++j) {
-      const __m512 w = _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srli_epi32(lanes, j * W), mask));
+      const __m512 w = _mm512_permutexvar_ps(j == 0 ? lanes : _mm512_srli_epi32(lanes, j * W), table);
       for (int r = 0; r < R; ++r)
         part[r][(B + j) % 4] = _mm512_fmadd_ps(w, _mm512_loadu_ps(xp + r * in + k + 16 * j), part[r][(B + j) % 4]);
     }
