@@ -47,7 +47,7 @@ from omniquant import llamacpp, methods
 from omniquant.decode import Decoder
 from omniquant.errors import UserError
 from omniquant.metrics import cpu_model
-from omniquant.packed import INT4_CPU_GROUPS, Int8Linear, PackedLinear, load_packed_model
+from omniquant.packed import INT4_CPU_GROUPS, PackedLinear, bits_per_weight, load_packed_model
 from omniquant.packing import save_packed
 from omniquant.setting import QuantSetting
 
@@ -449,8 +449,7 @@ def bits_sweep(config: PretrainedConfig, settings: list[QuantSetting], cfg: Benc
         benched = bench_variants(made["path"], "cpu", variants, cfg, int8_path=int8["path"])
         if i == 0:
             results["fp"] = benched.pop("fp")
-        layers = [m for m in load_packed_model(made["path"]).modules() if isinstance(m, PackedLinear)]
-        bits = 8 * sum(m.packed.nbytes for m in layers) / sum(m.in_features * m.out_features for m in layers)
+        bits = bits_per_weight(load_packed_model(made["path"]))
         results["settings"][setting.name] = {"bits_per_weight": bits} | benched
         results |= {"note": made["note"], "parameters": made["parameters"]}
     if gguf is not None:

@@ -20,6 +20,7 @@
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 
+#include <array>
 #include <cstring>
 #include <vector>
 
@@ -251,17 +252,19 @@ void matmul512(const float* x, int64_t rows, int64_t in, const int32_t* qweight,
       const int32_t* words = qweight + n * words_per_row;
       const float* sn = s + n * n_groups;
       const float* zn = zs + n * n_groups;
+      // each plane width's x, from row r0 on
+      auto from = [&](int64_t r0) {
+        std::array<const float*, 5> at{};
+        for (int w : {1, 2, 4}) at[w] = xs[w] ? xs[w] + r0 * in : nullptr;
+        return at;
+      };
       int64_t r0 = 0;
-      for (; r0 + 2 <= rows; r0 += 2) {
-        const float* x2[5] = {nullptr, xs[1] + r0 * in, xs[2] ? xs[2] + r0 * in : nullptr, nullptr,
-                              xs[4] ? xs[4] + r0 * in : nullptr};
-        row_dot512<BITS, 2>(x2, in, words, sn, zn, xsum.data() + r0 * n_groups, n_groups, group, y + r0 * out, out, n);
-      }
-      for (; r0 < rows; ++r0) {
-        const float* x1[5] = {nullptr, xs[1] + r0 * in, xs[2] ? xs[2] + r0 * in : nullptr, nullptr,
-                              xs[4] ? xs[4] + r0 * in : nullptr};
-        row_dot512<BITS, 1>(x1, in, words, sn, zn, xsum.data() + r0 * n_groups, n_groups, group, y + r0 * out, out, n);
-      }
+      for (; r0 + 2 <= rows; r0 += 2)
+        row_dot512<BITS, 2>(from(r0).data(), in, words, sn, zn, xsum.data() + r0 * n_groups, n_groups, group,
+                            y + r0 * out, out, n);
+      for (; r0 < rows; ++r0)
+        row_dot512<BITS, 1>(from(r0).data(), in, words, sn, zn, xsum.data() + r0 * n_groups, n_groups, group,
+                            y + r0 * out, out, n);
     }
   });
 }
