@@ -112,13 +112,15 @@ def table(study: Study, rows: dict[str, dict[str, Any]]) -> Table:
         curves = m.get("block_epoch_loss") or []
         final = [c[-1] for c in curves if c]
         body.append([row, m["what"], fmt_ppl(m.get("wikitext2_ppl")), fmt_ppl(m.get("ptb_ppl")),
-                     f"{m['quant_seconds']:.0f}",
+                     f"{m['quant_seconds']:.0f}" + ("" if m.get("quant_machine") else " †"),
                      str(m["calib_epochs"] * _steps_per_epoch(m)) if m.get("calib_epochs") is not None else "–",
                      f"{final[-1]:.3g}" if final else "–"])
     notes = [f"{study.option('model')} at {study.option('quant')}, profile {study.option('profile')}; every row "
              "uses the same calibration windows and evaluation windows as the grid's cells "
              "(`python -m pipelines.ablation run`). The model's weights already lie on a GGUF grid.",
-             "steps/block: optimizer steps per block; last-block loss: the final epoch's mean MSE of block 30."]
+             "steps/block: optimizer steps per block; last-block loss: the final epoch's mean MSE of block 30.",
+             "quant s: seconds on the machine the metrics file names (`quant_machine`); † none named: a run from "
+             "before machines were recorded (the slower AMD AVX2 machine), so not comparable with the others."]
     return Table(f"Ablation {study.name} — OmniQuant recipe", ["row", "what", "WikiText-2", "PTB", "quant s",
                                                                 "steps/block", "last-block loss"], body, notes)
 

@@ -49,14 +49,14 @@ def test_run_skips_finished_rows_and_grid_cells(tmp_path, capsys):
 
 def test_report_writes_table_and_both_plots(tmp_path):
     study = _study(tmp_path)
-    _metrics(study.metrics_file(tmp_path, "a"))
+    _metrics(study.metrics_file(tmp_path, "a"), quant_machine="cpu")
     _metrics(study.metrics_file(tmp_path, "cell"), method="gptq", wikitext2_ppl=45.0, quant_seconds=300.0,
              block_epoch_loss=None, calib_epochs=None)
     paths = ablation.report(study, tmp_path, tmp_path / "results")
     assert [p.suffix for p in paths] == [".md", ".csv", ".png", ".png"] and all(p.stat().st_size for p in paths)
     table = paths[0].read_text()
     assert "| a | row a | 30.00 | 60.00 | 800 | 32 | 2 |" in table
-    assert "| cell | the grid cell | 45.00 |" in table
+    assert "| cell | the grid cell | 45.00 | 60.00 | 300 † |" in table  # no quant_machine: marked
 
 
 def test_lwc_factor_quantiles_per_role_and_block():
