@@ -16,7 +16,7 @@ from omegaconf import OmegaConf
 from omniquant.errors import UserError
 from omniquant.layout import metrics_path
 from omniquant.metrics import write_json
-from omniquant.tables import Table, fmt_ppl
+from omniquant.tables import Table, fmt_ppl, save_figure
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "ablation"
 BASELINES = ("rtn", "gptq", "awq")  # grid cells drawn beside the rows in the time-to-quality plot
@@ -132,7 +132,6 @@ def plot(study: Study, rows: dict[str, dict[str, Any]], root: Path, out: Path) -
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    out.mkdir(parents=True, exist_ok=True)
     curves = {row: m["block_epoch_loss"] for row, m in rows.items() if m.get("block_epoch_loss")}
     n_blocks = max((len(c) for c in curves.values()), default=0)
     panels = sorted({0, n_blocks // 3, 2 * n_blocks // 3, n_blocks - 1}) if n_blocks else []
@@ -147,10 +146,7 @@ def plot(study: Study, rows: dict[str, dict[str, Any]], root: Path, out: Path) -
         ax.set_yscale("log")
     axes[0][0].set_ylabel("block output MSE (epoch mean)")
     axes[0][-1].legend(fontsize=7)
-    fig.tight_layout()
-    first = out / f"ablation_{study.name}_block_loss.png"
-    fig.savefig(first, dpi=110)
-    plt.close(fig)
+    first = save_figure(fig, out / f"ablation_{study.name}_block_loss.png", dpi=110)
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for i, (row, m) in enumerate(rows.items()):
@@ -169,10 +165,7 @@ def plot(study: Study, rows: dict[str, dict[str, Any]], root: Path, out: Path) -
     ax.set_ylabel("WikiText-2 perplexity")
     ax.set_title(f"{model} {setting}: quality against calibration time")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    second = out / f"ablation_{study.name}_time_to_quality.png"
-    fig.savefig(second, dpi=110)
-    plt.close(fig)
+    second = save_figure(fig, out / f"ablation_{study.name}_time_to_quality.png", dpi=110)
     return [first, second]
 
 

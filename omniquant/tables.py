@@ -244,14 +244,14 @@ def tableA1(ppl: Sequence[Metrics]) -> Table:
                         f"Paper (Table A12, one A100-80G, 128 × 2048 tokens, 20 epochs): {paper_hours}."])
 
 
-def _save(fig, path: str | Path) -> Path:
-    """Write a finished figure (tight layout, 120 dpi), creating its folder, and close it."""
+def save_figure(fig, path: str | Path, dpi: int = 120) -> Path:
+    """Write a finished figure (tight layout), creating its folder, and close it."""
     import matplotlib.pyplot as plt
 
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=dpi)
     plt.close(fig)
     return path
 
@@ -296,7 +296,7 @@ def plot_perplexity(ppl: Sequence[Metrics], path: str | Path) -> Path:
         ax.set_title(f"{model}: weight-only quantization")
         ax.legend(fontsize=8)
         ax.grid(True, which="both", alpha=0.3)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_speed(sweep: Metrics, path: str | Path) -> Path:
@@ -334,7 +334,7 @@ def plot_speed(sweep: Metrics, path: str | Path) -> Path:
     ax.set_title(f"decode speed against bits: {sweep['device']}")
     ax.legend(fontsize=7)
     ax.grid(True, which="both", alpha=0.3)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def table_packed(packed: Sequence[Metrics], ppl: Sequence[Metrics]) -> Table:
