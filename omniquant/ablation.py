@@ -132,15 +132,16 @@ def plot(study: Study, rows: dict[str, dict[str, Any]], root: Path, out: Path) -
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    colour = {row: f"C{i}" for i, row in enumerate(rows)}  # one colour per row in both plots
     curves = {row: m["block_epoch_loss"] for row, m in rows.items() if m.get("block_epoch_loss")}
     n_blocks = max((len(c) for c in curves.values()), default=0)
     panels = sorted({0, n_blocks // 3, 2 * n_blocks // 3, n_blocks - 1}) if n_blocks else []
     fig, axes = plt.subplots(1, max(1, len(panels)), figsize=(4 * max(1, len(panels)), 3.4), squeeze=False)
     for ax, block in zip(axes[0], panels):
-        for i, (row, blocks) in enumerate(curves.items()):
+        for row, blocks in curves.items():
             per = _steps_per_epoch(rows[row])
             losses = blocks[block]
-            ax.plot([per * (e + 1) for e in range(len(losses))], losses, marker="o", ms=3, color=f"C{i}", label=row)
+            ax.plot([per * (e + 1) for e in range(len(losses))], losses, marker="o", ms=3, color=colour[row], label=row)
         ax.set_title(f"block {block + 1}")
         ax.set_xlabel("optimizer step")
         ax.set_yscale("log")
@@ -149,8 +150,8 @@ def plot(study: Study, rows: dict[str, dict[str, Any]], root: Path, out: Path) -
     first = save_figure(fig, out / f"ablation_{study.name}_block_loss.png", dpi=110)
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    for i, (row, m) in enumerate(rows.items()):
-        ax.scatter(m["quant_seconds"], m["wikitext2_ppl"], color=f"C{i}", label=row, zorder=3)
+    for row, m in rows.items():
+        ax.scatter(m["quant_seconds"], m["wikitext2_ppl"], color=colour[row], label=row, zorder=3)
     model, setting = study.option("model"), study.option("quant")
     for method in BASELINES:
         path = root / "metrics" / model / setting / f"{method}.json"
