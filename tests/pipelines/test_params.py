@@ -39,3 +39,35 @@ def test_quick_grid_is_a_subset_of_the_cpu_grid():
         assert all(cpu[stage].get(name) == cell for name, cell in quick[stage].items()), stage
     assert (quick["profile"], quick["data"]) == (cpu["profile"], cpu["data"])
     assert not quick["speed_cells"] or quick["bench"] == cpu["bench"]
+
+
+def test_a_block_that_names_models_applies_to_those_only():
+    from pipelines.compose_params import grid_cells
+
+    cells = grid_cells(["a", "b"], [{"settings": ["w4a4"], "methods": ["rtn"]},
+                                    {"settings": ["w3a16"], "methods": ["gptq"], "models": ["b"]}])
+    assert sorted(cells) == ["a-w4a4-rtn", "b-w3a16-gptq", "b-w4a4-rtn"]
+
+
+def test_cpu_grid_has_the_gemma_cells_of_issue_19():
+    import yaml
+
+    from pipelines.compose_params import compose_params
+
+    grid = yaml.safe_load(compose_params(["grid=cpu"]))["grid"]
+    gemma = {name for name in grid["cells"] if name.startswith("gemma3-270m-")}
+    weight_only = {f"gemma3-270m-{s}-{m}" for s in ("w4a16g128", "w3a16g128", "w2a16g64")
+                   for m in ("rtn", "gptq", "awq", "omniquant")}
+    weight_act = {f"gemma3-270m-{s}-{m}" for s in ("w6a6", "w4a4") for m in ("rtn", "smoothquant", "omniquant")}
+    assert gemma == weight_only | weight_act
+    assert {n for n in grid["zeroshot_cells"] if n.startswith("gemma3-270m-")} == {
+        "gemma3-270m-fp16-fp", "gemma3-270m-w4a4-smoothquant", "gemma3-270m-w4a4-omniquant"}
+    assert {n for n in grid["pack_cells"] if n.startswith("gemma3-270m-")} == {"gemma3-270m-w4a16g128-omniquant"}
+
+
+def test_a_block_model_outside_the_grid_is_one_line_error():
+    proc = subprocess.run([sys.executable, "-m", "pipelines.compose_params", "grid=cpu", "grid.blocks.1.models=[llama-7b]",
+                           "--check"], cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == ("omniquant: error: grid.blocks.models=['llama-7b'] is invalid: allowed a non-empty "
+                                   "list of the grid's models (smollm2-135m, gemma3-270m)")
