@@ -19,7 +19,9 @@ A variant is a :class:`Runner`: a prefill (prompt → last logits + KV cache) an
 Variants (:func:`bench_variants`), the torch ones decoded by :class:`omniquant.decode.Decoder`
 (static KV cache, our block forward): ``fp`` (dense model, float32 on CPU, float16 on GPU),
 ``packed`` (:func:`omniquant.packed.load_packed_model`), ``packed_int8`` (the same with the
-8-bit embedding and LM head of the pack stage's second file), ``packed_hf`` (the packed model
+8-bit embedding and LM head of the pack stage's second file), ``packed_a8`` (``packed_int8`` with its
+decoding rows rounded to int8, :func:`omniquant.packed.use_int8_activations`: the VNNI kernels; it
+also gets ``vs_packed_int8``, :func:`decode_agreement` against ``packed_int8``), ``packed_hf`` (the packed model
 through HF's own forward and cache, to show what the decoder saves), ``torch_int4`` (CPU, 4-bit:
 the packed model with bfloat16 activations, so :class:`~omniquant.packed.PackedLinear` runs
 ``aten._weight_int4pack_mm_for_cpu``), ``tvm`` (CPU: :mod:`omniquant.mlc.tvm_llama`), ``tvm_int8``
@@ -47,12 +49,13 @@ from omniquant import llamacpp, methods
 from omniquant.decode import Decoder
 from omniquant.errors import UserError
 from omniquant.metrics import cpu_model
-from omniquant.packed import INT4_CPU_GROUPS, PackedLinear, bits_per_weight, load_packed_model
+from omniquant.kernels import cpu as cpu_kernels
+from omniquant.packed import INT4_CPU_GROUPS, PackedLinear, bits_per_weight, load_packed_model, use_int8_activations
 from omniquant.packing import save_packed
 from omniquant.setting import QuantSetting
 
-VARIANTS = ("fp", "packed", "packed_int8", "packed_hf", "torch_int4", "tvm", "tvm_int8", *llamacpp.VARIANTS)
-PROFILED = ("packed", "packed_int8", "packed_hf")  # variants that also get a decode-step profile
+VARIANTS = ("fp", "packed", "packed_int8", "packed_a8", "packed_hf", "torch_int4", "tvm", "tvm_int8", *llamacpp.VARIANTS)
+PROFILED = ("packed", "packed_int8", "packed_a8", "packed_hf")  # variants that also get a decode-step profile
 GB = 1e9
 
 
@@ -231,6 +234,13 @@ def packed_model(packed_path: str | Path, device: torch.device | str, dtype: tor
     return _cast_parameters(load_packed_model(packed_path).to(device), dtype)
 
 
+def int8_activation_model(packed_path: str | Path) -> nn.Module:
+    """The packed model on CPU, float32, its decoding rows through the int8-activation kernels."""
+    model = load_packed_model(packed_path)
+    use_int8_activations(model)
+    return model
+
+
 def torch_int4_model(packed_path: str | Path) -> nn.Module:
     """The packed 4-bit model on CPU with bfloat16 activations: torch's vectorized int4 kernel."""
     model = _cast_parameters(load_packed_model(packed_path), torch.bfloat16)
@@ -399,6 +409,7 @@ def bench_variants(packed_path: str | Path, device: torch.device | str = "cpu",
         "fp": lambda: decoder_runner(dense_model(packed_path).to(device=device, dtype=dtype), n_ctx),
         "packed": lambda: decoder_runner(packed_model(packed_path, device, dtype), n_ctx),
         "packed_int8": lambda: decoder_runner(packed_model(int8_path, device, dtype), n_ctx),
+        "packed_a8": lambda: decoder_runner(int8_activation_model(int8_path), n_ctx),
         "packed_hf": lambda: hf_runner(packed_model(packed_path, device, dtype)),
         "torch_int4": lambda: decoder_runner(torch_int4_model(packed_path), n_ctx),
         "tvm": lambda: tvm_runner(packed_path, tvm_dir),
@@ -409,6 +420,7 @@ def bench_variants(packed_path: str | Path, device: torch.device | str = "cpu",
     no_tvm = "CPU only (TVM build for llvm)" if device.type != "cpu" else _tvm_missing()
     skip = {
         "packed_int8": no_int8,
+        "packed_a8": no_int8 or ("CPU only (AVX-512 VNNI kernels)" if device.type != "cpu" else cpu_kernels.a8_unavailable()),
         "torch_int4": "CPU only (aten._weight_int4pack_mm_for_cpu)" if device.type != "cpu" else None,
         "tvm": no_tvm,
         "tvm_int8": no_tvm or no_int8,
@@ -423,7 +435,28 @@ def bench_variants(packed_path: str | Path, device: torch.device | str = "cpu",
             results[name] = benchmark(builders[name], device, cfg, bandwidth, profile=name in PROFILED)
         except UserError as err:
             results[name] = {"skipped": str(err)}
+    if "skipped" not in results.get("packed_a8", {"skipped": ""}) and "packed_int8" in variants:
+        results["packed_a8"]["vs_packed_int8"] = decode_agreement(builders["packed_int8"], builders["packed_a8"],
+                                                                  cfg.prompt_len, max(cfg.new_tokens))
     return results
+
+
+def decode_agreement(make_reference: Callable[[], Runner], make_other: Callable[[], Runner], prompt_len: int,
+                     steps: int, seed: int = 0) -> dict[str, float]:
+    """How far ``other``'s logits stray from ``reference``'s over a batch-1 greedy decode of ``steps`` tokens
+    (both fed the reference's tokens): the share of steps with the same top token, and the largest and mean
+    absolute logit difference relative to the reference logits' standard deviation."""
+    reference, other = make_reference(), make_other()
+    ids = torch.randint(0, reference.vocab_size, (1, prompt_len), generator=torch.Generator().manual_seed(seed))
+    (ref, ref_cache), (got, got_cache) = reference.prefill(ids), other.prefill(ids)
+    same, worst, mean = 0, 0.0, 0.0
+    for _ in range(steps):
+        diff = (got.float() - ref.float()).abs() / ref.float().std()
+        same += int(got.argmax() == ref.argmax())
+        worst, mean = max(worst, diff.max().item()), mean + diff.mean().item() / steps
+        token = ref.argmax(-1, keepdim=True)
+        (ref, ref_cache), (got, got_cache) = reference.step(token, ref_cache), other.step(token, got_cache)
+    return {"top1_agreement": same / steps, "max_abs_diff_rel": worst, "mean_abs_diff_rel": mean, "steps": steps}
 
 
 def _tvm_missing() -> str | None:
@@ -445,7 +478,7 @@ def bits_sweep(config: PretrainedConfig, settings: list[QuantSetting], cfg: Benc
     for i, setting in enumerate(settings):
         made = random_packed_model(config, setting, out / f"{setting.name}.safetensors")
         int8 = random_packed_model(config, setting, out / f"{setting.name}-int8.safetensors", embedding_bits=8)
-        variants = ("packed", "packed_int8") + (("fp",) if i == 0 else ())
+        variants = ("packed", "packed_int8", "packed_a8") + (("fp",) if i == 0 else ())
         benched = bench_variants(made["path"], "cpu", variants, cfg, int8_path=int8["path"])
         if i == 0:
             results["fp"] = benched.pop("fp")

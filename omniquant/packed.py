@@ -9,7 +9,8 @@
   that decodes the codes in registers (float32 accumulation in another order than the dense
   matmul: equal to it within float rounding); more rows (prefill, perplexity), the kernels'
   dequantization, bit-identical to the fake-quantized weight, then ``F.linear`` (so the packed
-  perplexity equals the fake-quantized one);
+  perplexity equals the fake-quantized one). After :func:`use_int8_activations`, the decoding rows
+  go through the int8-activation kernel instead (x rounded to int8 per block of 32, VNNI);
 - CPU bfloat16 input, 4-bit, group 32/64/128/256, ``out`` a multiple of 16: torch's int4 kernel
   (``aten._weight_int4pack_mm_for_cpu``, the ``torch_int4`` benchmark variant). It computes
   ``w = (q - 8)·s + m`` per group, so our ``(q - z)·s`` maps exactly onto ``m = (8 - z)·s``. It
@@ -31,6 +32,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from omniquant import kernels
+from omniquant.errors import UserError
 from omniquant.kernels import cpu as cpu_kernels
 from omniquant.packing import INT8_TENSORS, PACKED_TENSORS, PackedWeight, load_packed, pack_weight, spec_of
 
@@ -53,8 +55,10 @@ class PackedLinear(nn.Module):
             self.spec.bits == 4 and self.spec.group_size in INT4_CPU_GROUPS and self.out_features % 16 == 0
         )
         self.cpu_kernel = cpu_kernels.supports(weight)  # float32 CPU forwards use omniquant.kernels.cpu
+        self.int8_activations = False  # decoding rows through cpu_kernels.matmul_a8 (use_int8_activations)
         self._int4: tuple[torch.dtype, torch.Tensor, torch.Tensor] | None = None
         self._zero_scales: torch.Tensor | None = None
+        self._qweight_a8: torch.Tensor | None = None  # cpu_kernels.a8_layout, built on the first a8 forward
 
     @property
     def packed(self) -> PackedWeight:
@@ -68,10 +72,15 @@ class PackedLinear(nn.Module):
         path = self.path(x)
         if x.is_cuda and rows <= kernels.MAX_ROWS and kernels.supports(self.packed) and kernels.available():
             y = kernels.quant_matmul(x, self.packed)
-        elif path == "cpu_matmul":
+        elif path in ("cpu_matmul", "cpu_matmul_a8"):
             if self._zero_scales is None:
                 self._zero_scales = cpu_kernels.zero_scales(self.packed)
-            y = cpu_kernels.matmul(x, self.packed, self._zero_scales)
+            if path == "cpu_matmul":
+                y = cpu_kernels.matmul(x, self.packed, self._zero_scales)
+            else:
+                if self._qweight_a8 is None:
+                    self._qweight_a8 = cpu_kernels.a8_layout(self.packed)
+                y = cpu_kernels.matmul_a8(x, self.packed, self._zero_scales, self._qweight_a8)
         elif path == "int4":
             y = self._int4_matmul(x)
         else:
@@ -80,13 +89,16 @@ class PackedLinear(nn.Module):
         return y if self.bias is None else y + self.bias
 
     def path(self, x: torch.Tensor) -> str:
-        """The CPU path ``forward(x)`` takes: ``cpu_matmul``, ``cpu_dequantize``, ``int4`` or ``dequantize``."""
+        """The CPU path ``forward(x)`` takes: ``cpu_matmul`` (``cpu_matmul_a8`` after :func:`use_int8_activations`),
+        ``cpu_dequantize``, ``int4`` or ``dequantize``."""
         if x.device.type != "cpu":
             return "dequantize"
         if x.dtype == torch.bfloat16 and self.int4_cpu:
             return "int4"
         if x.dtype == torch.float32 and self.cpu_kernel and _cpu_kernels_built():
-            return "cpu_matmul" if x.numel() // self.in_features <= CPU_MATMUL_MAX_ROWS else "cpu_dequantize"
+            if x.numel() // self.in_features > CPU_MATMUL_MAX_ROWS:
+                return "cpu_dequantize"
+            return "cpu_matmul_a8" if self.int8_activations else "cpu_matmul"
         return "dequantize"
 
     def _int4_matmul(self, x: torch.Tensor) -> torch.Tensor:
@@ -105,7 +117,7 @@ class PackedLinear(nn.Module):
         return y.reshape(*x.shape[:-1], self.out_features)
 
     def _load_from_state_dict(self, *args, **kwargs) -> None:
-        self._int4 = self._zero_scales = None  # new packed data: rebuild the cached tiles and offsets
+        self._int4 = self._zero_scales = self._qweight_a8 = None  # new packed data: rebuild the cached layouts
         super()._load_from_state_dict(*args, **kwargs)
 
     def extra_repr(self) -> str:
@@ -123,10 +135,12 @@ def stack_rows(layers: list[PackedLinear]) -> PackedLinear:
     stacked = pack_weight(torch.cat([w.codes() for w in weights]), torch.cat([w.scales for w in weights]),
                           torch.cat([w.zeros() for w in weights]), spec)
     biases = [m.bias for m in layers]
+    bias = None
     if any(b is not None for b in biases):
-        biases = [torch.zeros(m.out_features) if b is None else b for m, b in zip(layers, biases)]
-        return PackedLinear(stacked, torch.cat(biases))
-    return PackedLinear(stacked)
+        bias = torch.cat([torch.zeros(m.out_features) if b is None else b for m, b in zip(layers, biases)])
+    out = PackedLinear(stacked, bias)
+    out.int8_activations = any(m.int8_activations for m in layers)
+    return out
 
 
 class Int8Linear(nn.Module):
@@ -138,6 +152,7 @@ class Int8Linear(nn.Module):
         self.register_buffer("int8_weight", int8_weight)
         self.register_buffer("int8_scales", int8_scales)
         self.out_features, self.in_features = int8_weight.shape
+        self.int8_activations = False  # decoding rows through cpu_kernels.int8_matmul_a8 (use_int8_activations)
 
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return (self.int8_weight.float() * self.int8_scales[:, None]).to(dtype)
@@ -146,7 +161,8 @@ class Int8Linear(nn.Module):
         rows = x.numel() // self.in_features
         if (x.device.type == "cpu" and x.dtype == torch.float32 and rows <= CPU_MATMUL_MAX_ROWS
                 and self.in_features % 8 == 0 and _cpu_kernels_built()):
-            return cpu_kernels.int8_matmul(x, self.int8_weight, self.int8_scales)
+            matmul = cpu_kernels.int8_matmul_a8 if self.int8_activations else cpu_kernels.int8_matmul
+            return matmul(x, self.int8_weight, self.int8_scales)
         return F.linear(x, self.dequantized_weight(x.dtype))
 
 
@@ -155,6 +171,21 @@ class Int8Embedding(Int8Linear):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return F.embedding(ids, self.int8_weight).float() * self.int8_scales[ids].unsqueeze(-1)
+
+
+def use_int8_activations(model: nn.Module) -> int:
+    """Send ``model``'s decoding rows (float32, CPU, up to :data:`CPU_MATMUL_MAX_ROWS`) through the
+    int8-activation kernels: every :class:`PackedLinear` on the CPU kernels' layout, and an 8-bit
+    :class:`Int8Linear` head whose input width is a multiple of 32. Returns how many modules changed;
+    raises :class:`UserError` where the kernels cannot run (no silent fallback)."""
+    reason = cpu_kernels.a8_unavailable()
+    if reason is not None:
+        raise UserError(f"int8 activations need the VNNI kernels: {reason}")
+    changed = [m for m in model.modules() if (isinstance(m, PackedLinear) and m.cpu_kernel) or (
+        type(m) is Int8Linear and m.in_features % cpu_kernels.A8_BLOCK == 0)]
+    for m in changed:
+        m.int8_activations = True
+    return len(changed)
 
 
 @functools.cache

@@ -22,7 +22,7 @@ CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 DATASETS = ("wikitext2", "ptb", "c4")
 DEVICES = "auto, cpu, cuda or cuda:<index>"
 DTYPES = ("auto", "float32", "float16", "bfloat16")
-BENCH_VARIANTS = ("fp", "packed", "packed_int8", "packed_hf", "torch_int4", "tvm", "tvm_int8")  # omniquant.bench.VARIANTS
+BENCH_VARIANTS = ("fp", "packed", "packed_int8", "packed_a8", "packed_hf", "torch_int4", "tvm", "tvm_int8")  # omniquant.bench.VARIANTS
 BENCH_SHAPES = ("llama2-7b",)
 ZEROSHOT_METRICS = ("acc", "acc_norm")
 

@@ -301,8 +301,8 @@ def plot_perplexity(ppl: Sequence[Metrics], path: str | Path) -> Path:
 
 def plot_speed(sweep: Metrics, path: str | Path) -> Path:
     """Batch-1 decode tok/s against bits per weight of a :func:`omniquant.bench.bits_sweep` (packed, with
-    and without 8-bit embeddings; FP and llama.cpp as points), each variant's bandwidth roofline
-    (``bandwidth / bytes per step``) as a line."""
+    and without 8-bit embeddings, and with int8 activations; FP and llama.cpp as points), the bandwidth
+    roofline (``bandwidth / bytes per step``) of each checkpoint as a line."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -311,13 +311,16 @@ def plot_speed(sweep: Metrics, path: str | Path) -> Path:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     gb = sweep["bandwidth_gb_s"] * 1e9
     rows = sorted(sweep["settings"].items(), key=lambda kv: kv[1]["bits_per_weight"])
-    for i, (variant, label) in enumerate((("packed", "packed, fp32 head"), ("packed_int8", "packed, 8-bit head"))):
+    variants = (("packed", "packed, fp32 head"), ("packed_int8", "packed, 8-bit head"),
+                ("packed_a8", "packed, 8-bit head, int8 activations"))
+    for i, (variant, label) in enumerate(variants):
         runs = [(r["bits_per_weight"], r[variant]) for _, r in rows if "decode_tok_s" in r.get(variant, {})]
         xs = [x for x, _ in runs]
         key = next(iter(runs[0][1]["decode_tok_s"])) if runs else None
         ax.plot(xs, [r["decode_tok_s"][key] for _, r in runs], marker="o", color=f"C{i}", label=label)
-        ax.plot(xs, [gb / r["bytes_per_step"] for _, r in runs], linestyle="--", color=f"C{i}",
-                label=f"{label}: roofline")
+        if variant != "packed_a8":  # it reads the 8-bit-head checkpoint: the same bytes, the same roofline
+            ax.plot(xs, [gb / r["bytes_per_step"] for _, r in runs], linestyle="--", color=f"C{i}",
+                    label=f"{label}: roofline")
         for (name, r), x in zip(rows, xs):
             ax.annotate(name, (x, r[variant]["decode_tok_s"][key]), fontsize=7, textcoords="offset points",
                         xytext=(4, 4))

@@ -19,6 +19,7 @@ from omniquant.bench import (
     random_packed_model,
     roofline_frac,
 )
+from omniquant.kernels import cpu as cpu_kernels
 from omniquant.models.tiny import tiny_llama
 from omniquant.packed import load_packed_model
 from omniquant.setting import QuantSetting
@@ -68,7 +69,8 @@ def test_random_model_says_weights_do_not_matter(packed):
 
 def test_variants_report_the_documented_keys(packed):
     variants = ("fp", "packed", "packed_int8", "packed_hf", "torch_int4") + (
-        ("tvm", "tvm_int8") if importlib.util.find_spec("tvm") else ())
+        ("tvm", "tvm_int8") if importlib.util.find_spec("tvm") else ()) + (
+        ("packed_a8",) if cpu_kernels.a8_unavailable() is None else ())
     results = bench_variants(packed[4]["path"], variants=variants, cfg=TINY, int8_path=packed["int8"]["path"])
     assert set(results) == set(variants)
     for name, r in results.items():
@@ -83,7 +85,11 @@ def test_variants_report_the_documented_keys(packed):
     assert results["packed_int8"]["bytes_per_step"] < results["packed"]["bytes_per_step"]
     if "tvm_int8" in results:
         assert results["tvm_int8"]["bytes_per_step"] < results["tvm"]["bytes_per_step"]
-    for name in PROFILED:  # one decode step's time, split into the packed linears, the head and the rest
+    if "packed_a8" in results:  # int8 activations: its logits against the 8-bit-head variant's, same tokens
+        agreement = results["packed_a8"]["vs_packed_int8"]
+        assert agreement["steps"] == 4 and 0 <= agreement["top1_agreement"] <= 1
+        assert 0 < agreement["mean_abs_diff_rel"] <= agreement["max_abs_diff_rel"] < 1
+    for name in set(PROFILED) & set(results):  # one decode step's time: the packed linears, the head and the rest
         step = results[name]["step_ms"]
         assert step["linears"] > 0 and step["head"] > 0 and step["steps"] == 4
         assert step["total"] == pytest.approx(step["linears"] + step["head"] + step["other"])
@@ -93,6 +99,14 @@ def test_variants_report_the_documented_keys(packed):
 def test_the_int8_variant_without_its_file_is_skipped_saying_so(packed):
     result = bench_variants(packed[4]["path"], variants=("packed_int8",), cfg=TINY)["packed_int8"]
     assert "8-bit embeddings" in result["skipped"]
+
+
+def test_the_int8_activation_variant_says_why_it_cannot_run(packed, monkeypatch):
+    monkeypatch.setattr(cpu_kernels, "a8_unavailable", lambda: "this CPU has no AVX-512 VNNI (avx512_vnni)")
+    result = bench_variants(packed[4]["path"], variants=("packed_int8", "packed_a8"), cfg=TINY,
+                            int8_path=packed["int8"]["path"])
+    assert result["packed_a8"] == {"skipped": "this CPU has no AVX-512 VNNI (avx512_vnni)"}
+    assert "skipped" not in result["packed_int8"]
 
 
 def test_int4_variant_is_skipped_for_3_bit(packed):

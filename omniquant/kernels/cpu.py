@@ -1,5 +1,6 @@
-"""CPU kernels on the packed layout (``cpu_packed.cpp``: AVX2 + FMA, AVX-512 where the CPU has it) and
-one-token decode helpers (``cpu_decode.cpp``), built on first use.
+"""CPU kernels on the packed layout (``cpu_packed.cpp``: AVX2 + FMA, AVX-512 where the CPU has it), their
+int8-activation twins (``cpu_a8.cpp``: AVX-512 VNNI) and one-token decode helpers (``cpu_decode.cpp``),
+built on first use.
 
 The C++ source is compiled with torch's extension builder (ninja, the host's C++ compiler) into
 torch's extension cache (``TORCH_EXTENSIONS_DIR``) the first time a kernel is asked for: about a
@@ -11,6 +12,10 @@ fall back silently.
 - :func:`dequantize`: the float32 weight ``(q - z)·s``, bit-identical to
   :meth:`omniquant.packing.PackedWeight.dequantize` (prefill and perplexity: then a dense matmul);
 - :func:`int8_matmul`: ``x @ (q·s)ᵀ`` for an int8 weight with one scale per row (the 8-bit head);
+- :func:`matmul_a8`, :func:`int8_matmul_a8`: the same two products with ``x`` rounded to int8 per
+  block of 32 (:func:`round_activations`, as llama.cpp's Q8 activations) and the products summed in
+  int32 by AVX-512 VNNI; opt-in (:func:`omniquant.packed.use_int8_activations`), since they change
+  the numbers, not only the speed (:func:`a8_unavailable` says why they cannot run);
 - :func:`rms_norm`, :func:`attend`, :func:`glu`: the norms, the attention of one new position over a
   KV cache, and the gated activation of :class:`omniquant.decode.Decoder`'s one-token steps.
 """
@@ -24,11 +29,12 @@ import torch
 
 from omniquant.packing import PackedWeight
 
-SOURCES = [Path(__file__).with_name(name) for name in ("cpu_packed.cpp", "cpu_decode.cpp")]
+SOURCES = [Path(__file__).with_name(name) for name in ("cpu_packed.cpp", "cpu_decode.cpp", "cpu_a8.cpp")]
 CPUINFO = Path("/proc/cpuinfo")
 FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp"]
 BLOCK = 32  # codes per decoded block: in_features and the group size must be multiples of it
 MAX_BITS = 7
+A8_BLOCK = 32  # inputs per int8 activation scale (matmul_a8, int8_matmul_a8)
 
 
 @functools.cache
@@ -87,6 +93,58 @@ def dequantize(weight: PackedWeight) -> torch.Tensor:
 def int8_matmul(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """``x @ (q·scales[:, None])ᵀ`` for int8 ``q [out, in]`` and float32 ``scales [out]``."""
     return _module().int8_matmul(x, q, scales)
+
+
+def a8_unavailable() -> str | None:
+    """Why the int8-activation kernels cannot run here (they need AVX-512 VNNI), or ``None``."""
+    return unavailable() or (None if _module().has_vnni() else "this CPU has no AVX-512 VNNI (avx512_vnni)")
+
+
+def round_activations(x: torch.Tensor) -> torch.Tensor:
+    """``x`` as :func:`matmul_a8` sees it: rounded to int8 in blocks of 32 along the last dimension,
+    ``a·round(x/a)`` with ``a = max|x|/127`` per block (computed as ``x·(1/a)``, like the kernel)."""
+    blocks = x.float().reshape(*x.shape[:-1], -1, A8_BLOCK)
+    a = blocks.abs().amax(dim=-1, keepdim=True) / 127
+    inv = torch.where(a > 0, 1 / a, torch.zeros_like(a))
+    return (torch.round(blocks * inv) * a).reshape(x.shape)
+
+
+A8_CHUNK = 256  # codes per chunk of a 2-bit plane in matmul_a8 (64 bytes)
+
+
+def a8_layout(weight: PackedWeight) -> torch.Tensor:
+    """``weight.qweight`` as :func:`matmul_a8` reads it fastest: for 3 bits, the 1-bit plane's bits in the order
+    of the 2-bit plane's chunks (256 codes; ``T`` in a short last one) and subs: code ``256c + 4m + j`` at bit
+    ``256c + (T/4)·j + m``, so each sub's bit 2 is one 64-bit mask (same size; a permutation of the bits).
+    Other widths: ``qweight`` itself."""
+    if weight.spec.bits != 3:
+        return weight.qweight
+    n, blocks = weight.in_features, weight.in_features // BLOCK
+    plane = weight.qweight[:, 2 * blocks:3 * blocks]  # the 1-bit plane: bit k of its stream is code k
+    bits = ((plane.unsqueeze(-1) >> torch.arange(BLOCK, dtype=torch.int32)) & 1).reshape(-1, n)
+    k = torch.arange(n)
+    chunk, within = k // A8_CHUNK, k % A8_CHUNK
+    length = torch.clamp(n - chunk * A8_CHUNK, max=A8_CHUNK)  # T: codes in k's chunk
+    moved = torch.empty_like(bits)
+    moved[:, chunk * A8_CHUNK + length // 4 * (within % 4) + within // 4] = bits
+    words = (moved.reshape(-1, blocks, BLOCK).long() << torch.arange(BLOCK)).sum(-1)
+    words = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+    return torch.cat([weight.qweight[:, :2 * blocks], words], dim=1).contiguous()
+
+
+def matmul_a8(x: torch.Tensor, weight: PackedWeight, zs: torch.Tensor,
+              qweight_a8: torch.Tensor | None = None) -> torch.Tensor:
+    """:func:`matmul` on ``round_activations(x)``, integer products summed by VNNI (``in_features`` and the
+    group multiples of 32); ``qweight_a8``: ``a8_layout(weight)``, computed once by the caller (faster for 3 bits)."""
+    group = weight.spec.group_size or weight.in_features
+    qweight = weight.qweight if qweight_a8 is None else qweight_a8
+    return _module().matmul_a8(x, qweight, weight.scales, zs, weight.spec.bits, group,
+                               qweight_a8 is not None and weight.spec.bits == 3)
+
+
+def int8_matmul_a8(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """:func:`int8_matmul` on ``round_activations(x)`` (``in`` a multiple of 32)."""
+    return _module().int8_matmul_a8(x, q, scales)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

@@ -428,6 +428,11 @@ torch::Tensor attend(torch::Tensor qkv, torch::Tensor cos, torch::Tensor sin, to
                      torch::Tensor v_cache, int64_t pos, int64_t start, double scale, int64_t heads,
                      c10::optional<torch::Tensor> q_norm, c10::optional<torch::Tensor> k_norm, double eps);
 torch::Tensor glu(torch::Tensor gate_up, int64_t gelu);
+// cpu_a8.cpp
+bool has_vnni();
+torch::Tensor matmul_a8(torch::Tensor x, torch::Tensor qweight, torch::Tensor scales, torch::Tensor zero_scales,
+                        int64_t bits, int64_t group, bool a8_layout);
+torch::Tensor int8_matmul_a8(torch::Tensor x, torch::Tensor q, torch::Tensor scales);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rms_norm", &rms_norm, "RMSNorm over the last dimension (float32)");
@@ -436,4 +441,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("matmul", &matmul, "y = x·Wᵀ on packed codes (a few rows of x)");
   m.def("dequantize", &dequantize, "the float32 weight (q - z)·s of packed codes");
   m.def("int8_matmul", &int8_matmul, "y = x·(q·s)ᵀ for an int8 weight with per-row scales");
+  m.def("has_vnni", &has_vnni, "whether the CPU has AVX-512 VNNI (the int8-activation kernels)");
+  m.def("matmul_a8", &matmul_a8, "matmul on x rounded to int8 per block of 32 (AVX-512 VNNI)");
+  m.def("int8_matmul_a8", &int8_matmul_a8, "int8_matmul on x rounded to int8 per block of 32 (AVX-512 VNNI)");
 }

@@ -1,0 +1,337 @@
+// Int8-activation matmuls for decoding (AVX-512 VNNI), on the packed layout and on the 8-bit head.
+//
+// x is rounded to int8 in blocks of 32 along the input (symmetric: a = max|x|/127 per block, as
+// llama.cpp's Q8 activations), and the integer products are summed by vpdpbusd (64 u8·s8 products
+// an instruction), then scaled in float32:
+//
+// matmul_a8: y[r, n] = Σ_lanes (Σ_lane q·xi)·s[n, g]·a[r, b] − Σ_g (z·s)[n, g]·x̂sum[r, g],
+//   x̂sum = Σ_{k∈g} a·xi (the rounded x, so the offset term sees the same x as the codes).
+//   A chunk of a width-W plane is 64 bytes (W = 4, 2: 128 or 256 codes) or 8 bytes (W = 1: 64
+//   codes, a mask). A byte of a W-bit plane holds 8/W consecutive codes, so the codes of sub-plane j
+//   (bits j·W..) of a chunk are m·(8/W) + j, m = 0..63: x is permuted once per call to that order.
+//   Every int32 lane of vpdpbusd then sums 4·(8/W) consecutive codes (W = 1: 4), which lie in one
+//   weight group and one activation block (both multiples of 32 long), so each lane is scaled by
+//   its own s·a: the group scales of a chunk are one masked load and a permute (or, where chunks lie
+//   in one group, the chunks' sums are scaled by a per lane and by s once a group).
+//   3-bit weights in the a8 layout (omniquant.kernels.cpu.a8_layout: the 1-bit plane's bits stored in
+//   the 2-bit plane's sub order, chunk by chunk) take one pass: each sub's 2-bit codes get bit 2 from
+//   a 64-bit mask, so one vpdpbusd per 64 codes, as for 2 bits.
+// int8_matmul_a8: y[r, n] = s[n]·Σ_b a[r, b]·Σ_{k∈b} q[n, k]·xi[r, k] for int8 q (the 8-bit head):
+//   vpdpbusd multiplies u8 by s8, so it takes |xi| and q with xi's sign moved onto it.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+#define OMNIQUANT_VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni")))
+
+namespace {
+
+constexpr int BLOCK = 32;  // activation block (codes per int8 scale)
+constexpr int64_t GRAIN = 16;
+constexpr int64_t AHEAD = 4;  // output rows between a row's prefetch and its use
+
+// x rows rounded to int8 per block of 32: xi [rows, padded], a [rows, in/32].
+struct Rounded {
+  std::vector<int8_t> xi;
+  std::vector<float> a;
+  int64_t padded;
+};
+
+Rounded round_rows(const float* x, int64_t rows, int64_t in, int64_t padded) {
+  Rounded out{std::vector<int8_t>(rows * padded, 0), std::vector<float>(rows * (in / BLOCK)), padded};
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t b = 0; b < in / BLOCK; ++b) {
+      const float* xb = x + r * in + b * BLOCK;
+      float amax = 0.f;
+      for (int i = 0; i < BLOCK; ++i) amax = std::max(amax, std::fabs(xb[i]));
+      const float a = amax / 127.f, inv = a > 0.f ? 1.f / a : 0.f;
+      out.a[r * (in / BLOCK) + b] = a;
+      for (int i = 0; i < BLOCK; ++i)
+        out.xi[r * padded + b * BLOCK + i] = static_cast<int8_t>(std::nearbyint(xb[i] * inv));
+    }
+  return out;
+}
+
+struct Plane {
+  int width, offset;
+};
+
+std::vector<Plane> planes_of(int bits) {  // widest first (omniquant.packing.planes)
+  std::vector<Plane> out;
+  int offset = 0;
+  for (int width : {4, 2, 1})
+    if (bits & width) {
+      out.push_back({width, offset});
+      offset += width;
+    }
+  return out;
+}
+
+// What one plane width needs of x per call: the permuted int8 x, and per chunk the lanes' activation
+// scales (times 2^offset), first group and group index relative to it.
+struct PlaneX {
+  Plane plane;
+  int codes;          // codes per chunk
+  int64_t chunks;
+  std::vector<int8_t> xw;    // [rows, chunks, subs, 64]
+  std::vector<float> lane_a;  // [rows, chunks, 16]
+  std::vector<int32_t> g0;    // [chunks]
+  std::vector<int32_t> gidx;  // [chunks, 16]
+};
+
+PlaneX plane_x(const Rounded& xr, int64_t rows, int64_t in, int64_t group, Plane pl) {
+  PlaneX p{pl, pl.width == 1 ? 64 : 64 * (8 / pl.width), 0, {}, {}, {}, {}};
+  const int subs = pl.width == 1 ? 1 : 8 / pl.width, per_byte = 8 / pl.width, lane_codes = p.codes / 16;
+  p.chunks = (in + p.codes - 1) / p.codes;
+  p.xw.assign(rows * p.chunks * subs * 64, 0);
+  p.lane_a.assign(rows * p.chunks * 16, 0.f);
+  p.g0.resize(p.chunks);
+  p.gidx.resize(p.chunks * 16);
+  const int64_t n_groups = (in + group - 1) / group;
+  for (int64_t c = 0; c < p.chunks; ++c) {
+    const int64_t c0 = c * p.codes;
+    p.g0[c] = static_cast<int32_t>(c0 / group);
+    for (int l = 0; l < 16; ++l) {
+      const int64_t k = std::min<int64_t>(c0 + l * lane_codes, in - 1);
+      p.gidx[c * 16 + l] = static_cast<int32_t>(std::min<int64_t>(k / group, n_groups - 1) - p.g0[c]);
+    }
+    for (int64_t r = 0; r < rows; ++r) {
+      int8_t* dst = p.xw.data() + (r * p.chunks + c) * subs * 64;
+      const int8_t* src = xr.xi.data() + r * xr.padded;
+      for (int j = 0; j < subs; ++j)
+        for (int m = 0; m < 64; ++m) {
+          const int64_t k = pl.width == 1 ? c0 + m : c0 + m * per_byte + j;
+          dst[j * 64 + m] = k < in ? src[k] : 0;
+        }
+      for (int l = 0; l < 16; ++l) {
+        const int64_t k = c0 + l * lane_codes;
+        p.lane_a[(r * p.chunks + c) * 16 + l] =
+            k < in ? xr.a[r * (in / BLOCK) + k / BLOCK] * static_cast<float>(1 << pl.offset) : 0.f;
+      }
+    }
+  }
+  return p;
+}
+
+inline __mmask64 byte_mask(int64_t count) { return count >= 64 ? ~__mmask64(0) : (__mmask64(1) << count) - 1; }
+
+// The weight rows stream from memory: each row asks for the lines of the row AHEAD of it.
+inline void prefetch_row(const void* row, int64_t bytes) {
+  const char* p = static_cast<const char*>(row);
+  for (int64_t b = 0; b < bytes; b += 64) _mm_prefetch(p + b, _MM_HINT_T0);
+}
+
+// The lanes' weight scales s[n, g(lane)] of chunk c: one masked load and a permute.
+OMNIQUANT_VNNI inline __m512 lane_scales(const PlaneX& p, int64_t c, const float* s_n, int64_t n_groups) {
+  const int32_t g0 = p.g0[c];
+  const int64_t left = n_groups - g0;
+  const __mmask16 gmask = static_cast<__mmask16>(left >= 16 ? 0xFFFF : (1u << left) - 1);
+  return _mm512_permutexvar_ps(_mm512_loadu_si512(p.gidx.data() + c * 16), _mm512_maskz_loadu_ps(gmask, s_n + g0));
+}
+
+// Σ q·xi per lane of chunk c of a width-W plane (HIGH: a 3-bit weight's 2-bit plane, whose 1-bit plane
+// is stored in the chunk's sub order, see a8_layout, and is OR-ed in as bit 2).
+template <int W, bool HIGH>
+OMNIQUANT_VNNI inline __m512i chunk_dot(const uint8_t* bytes, int64_t plane_bytes, const uint8_t* high, int64_t in,
+                                        const int8_t* xw, int64_t c) {
+  constexpr int SUBS = W == 1 ? 1 : 8 / W;
+  constexpr int CHUNK_BYTES = W == 1 ? 8 : 64;
+  const int64_t at = c * CHUNK_BYTES, left = plane_bytes - at;
+  __m512i isum = _mm512_setzero_si512();
+  if constexpr (W == 1) {
+    uint64_t bits = 0;
+    std::memcpy(&bits, bytes + at, static_cast<size_t>(std::min<int64_t>(left, 8)));
+    return _mm512_dpbusd_epi32(isum, _mm512_maskz_mov_epi8(bits, _mm512_set1_epi8(1)), _mm512_loadu_si512(xw));
+  } else {
+    const __m512i low = _mm512_set1_epi8(static_cast<char>((1 << W) - 1));
+    const __m512i v = _mm512_maskz_loadu_epi8(byte_mask(left), bytes + at);
+    const int64_t codes = std::min<int64_t>(256, in - c * 256), sub_bytes = codes / 32;  // HIGH: 2-bit chunks
+    for (int j = 0; j < SUBS; ++j) {
+      __m512i q = _mm512_and_si512(j == 0 ? v : _mm512_srli_epi16(v, j * W), low);
+      if constexpr (HIGH) {
+        uint64_t bits = 0;
+        std::memcpy(&bits, high + c * 32 + j * sub_bytes, static_cast<size_t>(sub_bytes));
+        q = _mm512_or_si512(q, _mm512_maskz_mov_epi8(bits, _mm512_set1_epi8(4)));
+      }
+      isum = _mm512_dpbusd_epi32(isum, q, _mm512_loadu_si512(xw + j * 64));
+    }
+  }
+  return isum;
+}
+
+// One output row n of one plane against row r of x, added into acc. Where every chunk lies in one
+// group, the chunks are summed per group (scaled by the blocks' a per lane) and s is applied once a group.
+template <int W, bool HIGH>
+OMNIQUANT_VNNI inline __m512 plane_row(const uint8_t* bytes, int64_t plane_bytes, const uint8_t* high,
+                                       const PlaneX& p, int64_t r, int64_t in, int64_t group, const float* s_n,
+                                       int64_t n_groups, __m512 acc) {
+  constexpr int SUBS = W == 1 ? 1 : 8 / W;
+  const int8_t* xw = p.xw.data() + r * p.chunks * SUBS * 64;
+  const float* lane_a = p.lane_a.data() + r * p.chunks * 16;
+  if (group % p.codes == 0) {
+    const int64_t per_group = group / p.codes;
+    for (int64_t g = 0, c = 0; g < n_groups; ++g) {
+      __m512 part = _mm512_setzero_ps();
+      for (const int64_t last = std::min(c + per_group, p.chunks); c < last; ++c)
+        part = _mm512_fmadd_ps(_mm512_cvtepi32_ps(chunk_dot<W, HIGH>(bytes, plane_bytes, high, in, xw + c * SUBS * 64, c)),
+                               _mm512_loadu_ps(lane_a + c * 16), part);
+      acc = _mm512_fmadd_ps(part, _mm512_set1_ps(s_n[g]), acc);
+    }
+    return acc;
+  }
+  for (int64_t c = 0; c < p.chunks; ++c) {
+    const __m512 scale = _mm512_mul_ps(lane_scales(p, c, s_n, n_groups), _mm512_loadu_ps(lane_a + c * 16));
+    acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(chunk_dot<W, HIGH>(bytes, plane_bytes, high, in, xw + c * SUBS * 64, c)),
+                          scale, acc);
+  }
+  return acc;
+}
+
+OMNIQUANT_VNNI void matmul_a8_rows(const std::vector<PlaneX>& px, bool fused3, const int32_t* qweight,
+                                   int64_t words_per_row, int64_t in, int64_t group, const float* s, const float* zs,
+                                   const std::vector<float>& xhat_sum, int64_t rows, int64_t n_groups, float* y,
+                                   int64_t out, int64_t begin, int64_t end) {
+  const int64_t nblocks = in / 32;
+  for (int64_t n = begin; n < end; ++n) {
+    if (n + AHEAD < end) {
+      prefetch_row(qweight + (n + AHEAD) * words_per_row, words_per_row * 4);
+      prefetch_row(s + (n + AHEAD) * n_groups, n_groups * 4);
+    }
+    const uint8_t* row = reinterpret_cast<const uint8_t*>(qweight + n * words_per_row);
+    const float* s_n = s + n * n_groups;
+    for (int64_t r = 0; r < rows; ++r) {
+      __m512 acc = _mm512_setzero_ps();
+      if (fused3) {  // one pass: the 2-bit plane with the 1-bit plane OR-ed in
+        acc = plane_row<2, true>(row, in / 4, row + 8 * nblocks, px[0], r, in, group, s_n, n_groups, acc);
+      } else {
+        for (const PlaneX& p : px) {
+          const uint8_t* bytes = row + 4 * nblocks * p.plane.offset;
+          const int64_t plane_bytes = in * p.plane.width / 8;
+          switch (p.plane.width) {
+            case 4: acc = plane_row<4, false>(bytes, plane_bytes, nullptr, p, r, in, group, s_n, n_groups, acc); break;
+            case 2: acc = plane_row<2, false>(bytes, plane_bytes, nullptr, p, r, in, group, s_n, n_groups, acc); break;
+            default: acc = plane_row<1, false>(bytes, plane_bytes, nullptr, p, r, in, group, s_n, n_groups, acc); break;
+          }
+        }
+      }
+      float corr = 0.f;
+      for (int64_t g = 0; g < n_groups; ++g) corr += zs[n * n_groups + g] * xhat_sum[r * n_groups + g];
+      y[r * out + n] = _mm512_reduce_add_ps(acc) - corr;
+    }
+  }
+}
+
+// |xi| (u8), the sign masks and the lanes' activation scales of 64-code chunks (the head's input).
+struct HeadX {
+  std::vector<uint8_t> ax;     // [rows, chunks·64]
+  std::vector<uint64_t> neg;   // [rows, chunks]
+  std::vector<float> lane_a;   // [rows, chunks, 16]
+  int64_t chunks;
+};
+
+HeadX head_x(const Rounded& xr, int64_t rows, int64_t in) {
+  HeadX h{{}, {}, {}, (in + 63) / 64};
+  h.ax.assign(rows * h.chunks * 64, 0);
+  h.neg.assign(rows * h.chunks, 0);
+  h.lane_a.assign(rows * h.chunks * 16, 0.f);
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t k = 0; k < in; ++k) {
+      const int8_t v = xr.xi[r * xr.padded + k];
+      h.ax[r * h.chunks * 64 + k] = static_cast<uint8_t>(v < 0 ? -v : v);
+      if (v < 0) h.neg[r * h.chunks + k / 64] |= uint64_t(1) << (k % 64);
+      if (k % 4 == 0) h.lane_a[(r * h.chunks + k / 64) * 16 + (k % 64) / 4] = xr.a[r * (in / BLOCK) + k / BLOCK];
+    }
+  return h;
+}
+
+OMNIQUANT_VNNI void int8_a8_rows(const HeadX& h, const int8_t* q, const float* s, int64_t rows, int64_t in,
+                                 float* y, int64_t out, int64_t begin, int64_t end) {
+  for (int64_t n = begin; n < end; ++n) {
+    if (n + AHEAD < end) prefetch_row(q + (n + AHEAD) * in, in);
+    const int8_t* qn = q + n * in;
+    for (int64_t r = 0; r < rows; ++r) {
+      __m512 acc = _mm512_setzero_ps();
+      for (int64_t c = 0; c < h.chunks; ++c) {
+        const __m512i qv = _mm512_maskz_loadu_epi8(byte_mask(in - c * 64), qn + c * 64);
+        const __m512i signed_q = _mm512_mask_sub_epi8(qv, h.neg[r * h.chunks + c], _mm512_setzero_si512(), qv);
+        const __m512i isum = _mm512_dpbusd_epi32(_mm512_setzero_si512(),
+                                                 _mm512_loadu_si512(h.ax.data() + (r * h.chunks + c) * 64), signed_q);
+        acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), _mm512_loadu_ps(h.lane_a.data() + (r * h.chunks + c) * 16), acc);
+      }
+      y[r * out + n] = _mm512_reduce_add_ps(acc) * s[n];
+    }
+  }
+}
+
+}  // namespace
+
+bool has_vnni() {
+  static const bool yes = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
+  return yes;
+}
+
+torch::Tensor matmul_a8(torch::Tensor x, torch::Tensor qweight, torch::Tensor scales, torch::Tensor zero_scales,
+                        int64_t bits, int64_t group, bool a8_layout) {
+  TORCH_CHECK(has_vnni(), "matmul_a8 needs AVX-512 VNNI");
+  const int64_t in = x.size(-1), out = qweight.size(0), n_groups = scales.size(1);
+  TORCH_CHECK(x.dtype() == torch::kFloat32 && qweight.dtype() == torch::kInt32 && qweight.is_contiguous() &&
+                  scales.dtype() == torch::kFloat32 && scales.is_contiguous() && bits >= 1 && bits <= 7,
+              "matmul_a8 takes float32 x, a contiguous int32 qweight, float32 scales and 1..7 bits");
+  TORCH_CHECK(in % 32 == 0 && group % 32 == 0 && qweight.size(1) == in / 32 * bits &&
+                  n_groups == (in + group - 1) / group,
+              "matmul_a8 needs in_features and the group size to be multiples of 32");
+  auto x2 = x.reshape({-1, in}).contiguous();
+  auto zs = zero_scales.contiguous();
+  const int64_t rows = x2.size(0);
+  const Rounded xr = round_rows(x2.data_ptr<float>(), rows, in, in);
+  std::vector<float> xhat_sum(rows * n_groups, 0.f);
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t b = 0; b < in / BLOCK; ++b) {
+      int32_t sum = 0;
+      for (int i = 0; i < BLOCK; ++i) sum += xr.xi[r * in + b * BLOCK + i];
+      xhat_sum[r * n_groups + b * BLOCK / group] += xr.a[r * (in / BLOCK) + b] * static_cast<float>(sum);
+    }
+  // 3 bits in the a8 layout: the 2-bit plane's pass also reads the 1-bit plane (bit 2 of each code)
+  const bool fused3 = bits == 3 && a8_layout;
+  std::vector<PlaneX> px;
+  for (const Plane& pl : planes_of(static_cast<int>(bits)))
+    if (!fused3 || pl.width == 2) px.push_back(plane_x(xr, rows, in, group, pl));
+  auto y = torch::empty({rows, out}, x.options());
+  const int32_t* qp = qweight.data_ptr<int32_t>();
+  const float *sp = scales.data_ptr<float>(), *zp = zs.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  const int64_t words = qweight.size(1);
+  at::parallel_for(0, out, GRAIN, [&](int64_t begin, int64_t end) {
+    matmul_a8_rows(px, fused3, qp, words, in, group, sp, zp, xhat_sum, rows, n_groups, yp, out, begin, end);
+  });
+  auto shape = x.sizes().vec();
+  shape.back() = out;
+  return y.reshape(shape);
+}
+
+torch::Tensor int8_matmul_a8(torch::Tensor x, torch::Tensor q, torch::Tensor scales) {
+  TORCH_CHECK(has_vnni(), "int8_matmul_a8 needs AVX-512 VNNI");
+  const int64_t in = x.size(-1), out = q.size(0);
+  TORCH_CHECK(q.dtype() == torch::kInt8 && q.is_contiguous() && q.size(1) == in && in % 32 == 0,
+              "q must be a contiguous int8 [out, in] tensor, in a multiple of 32");
+  TORCH_CHECK(x.dtype() == torch::kFloat32 && scales.dtype() == torch::kFloat32, "x and scales must be float32");
+  auto x2 = x.reshape({-1, in}).contiguous();
+  auto s = scales.contiguous();
+  const int64_t rows = x2.size(0);
+  const HeadX h = head_x(round_rows(x2.data_ptr<float>(), rows, in, in), rows, in);
+  auto y = torch::empty({rows, out}, x.options());
+  const int8_t* qp = q.data_ptr<int8_t>();
+  const float* sp = s.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, out, GRAIN * 16, [&](int64_t begin, int64_t end) {
+    int8_a8_rows(h, qp, sp, rows, in, yp, out, begin, end);
+  });
+  auto shape = x.sizes().vec();
+  shape.back() = out;
+  return y.reshape(shape);
+}

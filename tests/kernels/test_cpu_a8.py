@@ -1,0 +1,108 @@
+"""The int8-activation kernels (AVX-512 VNNI) against the rounded input times the dequantized weight."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from omniquant.kernels import cpu
+from omniquant.packing import int8_rows
+from omniquant.quantizer import QuantSpec
+
+from test_cpu_kernels import LAYOUTS, packed, rows_of
+
+pytestmark = pytest.mark.skipif(cpu.unavailable() is not None or cpu.a8_unavailable() is not None,
+                                reason=f"int8-activation kernels: {cpu.unavailable() or cpu.a8_unavailable()}")
+
+
+def test_round_activations_is_int8_per_block_of_32():
+    x = rows_of(3, 96)
+    x[0, :32] = 0  # an all-zero block stays zero
+    r = cpu.round_activations(x)
+    blocks, rounded = x.reshape(3, 3, 32), r.reshape(3, 3, 32)
+    a = blocks.abs().amax(-1, keepdim=True) / 127
+    codes = torch.where(a > 0, rounded / torch.where(a > 0, a, 1), 0)
+    assert torch.allclose(codes, codes.round(), atol=1e-3) and codes.round().abs().max() <= 127
+    assert (r - x).abs().max() <= (a / 2 * 1.001).max()
+    assert torch.equal(r[0, :32], torch.zeros(32))
+
+
+@pytest.mark.parametrize("spec", [s for s in LAYOUTS if s.bits <= 7], ids=lambda s: s.tag)
+@pytest.mark.parametrize("cols", [576, 1536])
+def test_matmul_a8_is_the_rounded_input_times_the_weight(spec, cols):
+    weight = packed(spec, out=70, cols=cols)
+    zs = cpu.zero_scales(weight)
+    reference = weight.dequantize().double()
+    for n in (1, 3):
+        x = rows_of(n, cols)
+        expected = cpu.round_activations(x).double() @ reference.T
+        scale = (x.double().abs() @ reference.abs().T).max()
+        for layout in (None, cpu.a8_layout(weight)):  # the stored layout, and the one for the fast 3-bit pass
+            got = cpu.matmul_a8(x, weight, zs, layout)
+            assert got.shape == (n, 70) and got.dtype == torch.float32
+            assert (got.double() - expected).abs().max() <= 1e-5 * scale
+
+
+@pytest.mark.parametrize("cols", [576, 1536, 256, 32])
+def test_a8_layout_permutes_the_high_plane_of_3_bit_weights_only(cols):
+    weight = packed(QuantSpec(3, 32), out=5, cols=cols)
+    moved = cpu.a8_layout(weight)
+    assert moved.shape == weight.qweight.shape and moved.dtype == torch.int32
+    blocks = cols // 32
+    assert torch.equal(moved[:, :2 * blocks], weight.qweight[:, :2 * blocks])  # the 2-bit plane as stored
+    popcount = lambda words: ((words.unsqueeze(-1) >> torch.arange(32, dtype=torch.int32)) & 1).sum((1, 2))
+    assert torch.equal(popcount(moved[:, 2 * blocks:]), popcount(weight.qweight[:, 2 * blocks:]))
+    # code 4m + j of the first chunk sits at bit (T/4)·j + m
+    codes, length = weight.codes().long(), min(cols, 256)
+    bit = lambda words, i: (words[:, i // 32] >> (i % 32)) & 1
+    for k in sorted({0, 1, 5, min(63, length - 1), length - 1}):
+        assert torch.equal(bit(moved[:, 2 * blocks:], length // 4 * (k % 4) + k // 4), codes[:, k] >> 2)
+    four = packed(QuantSpec(4, 128))
+    assert cpu.a8_layout(four) is four.qweight
+
+
+def test_int8_matmul_a8_is_the_rounded_input_times_the_scaled_rows():
+    gen = torch.Generator().manual_seed(0)
+    q, scales = int8_rows(torch.randn(300, 608, generator=gen))  # 608 = 9.5 chunks of 64: a short last chunk
+    for n in (1, 2):
+        x = rows_of(n, 608)
+        expected = cpu.round_activations(x).double() @ (q.double() * scales.double()[:, None]).T
+        got = cpu.int8_matmul_a8(x, q, scales)
+        assert (got.double() - expected).abs().max() <= 1e-5 * (x.double().abs() @ (q.double().abs() * scales[:, None]).T).max()
+
+
+def test_use_int8_activations_routes_decoding_rows_through_the_vnni_kernels(tmp_path):
+    from omniquant.bench import random_packed_model
+    from omniquant.decode import Decoder
+    from omniquant.models.tiny import tiny_llama
+    from omniquant.packed import Int8Linear, PackedLinear, load_packed_model, use_int8_activations
+    from omniquant.setting import QuantSetting
+
+    made = random_packed_model(tiny_llama()[0].config, QuantSetting(4, 16, 64), tmp_path / "w4.st", embedding_bits=8)
+    model = load_packed_model(made["path"])
+    reference = load_packed_model(made["path"])
+    changed = use_int8_activations(model)
+    linears = [m for m in model.modules() if isinstance(m, PackedLinear)]
+    assert changed == len(linears) + 1 and isinstance(model.lm_head, Int8Linear) and model.lm_head.int8_activations
+    layer = linears[0]
+    x = rows_of(1, layer.in_features)
+    assert layer.path(x) == "cpu_matmul_a8" and layer.path(rows_of(64, layer.in_features)) == "cpu_dequantize"
+    torch.testing.assert_close(layer(x), cpu.matmul_a8(x, layer.packed, cpu.zero_scales(layer.packed)))
+    ids = torch.randint(0, 258, (1, 6), generator=torch.Generator().manual_seed(0))
+    got, want = Decoder(model, 16), Decoder(reference, 16)
+    assert got.layers[0].qkv.int8_activations  # the stacked q/k/v keep the setting
+    cache_got, cache_want = got.cache(1), want.cache(1)
+    got(ids, cache_got), want(ids, cache_want)  # prefill: many rows, the dequantizing path in both
+    token = torch.tensor([[5]])
+    step_got, step_want = got(token, cache_got), want(token, cache_want)
+    assert not torch.equal(step_got, step_want)  # another kernel on rounded activations...
+    assert (step_got - step_want).abs().max() <= 0.05 * step_want.std()  # ...close to the float one
+
+
+def test_use_int8_activations_refuses_without_the_kernels(monkeypatch):
+    from omniquant.errors import UserError
+    from omniquant.models.tiny import tiny_llama
+    from omniquant.packed import use_int8_activations
+
+    monkeypatch.setattr(cpu, "a8_unavailable", lambda: "this CPU has no AVX-512 VNNI (avx512_vnni)")
+    with pytest.raises(UserError, match=r"^int8 activations need the VNNI kernels: this CPU has no AVX-512 VNNI"):
+        use_int8_activations(tiny_llama()[0])
