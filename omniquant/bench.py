@@ -54,7 +54,8 @@ from omniquant.packed import INT4_CPU_GROUPS, PackedLinear, bits_per_weight, loa
 from omniquant.packing import save_packed
 from omniquant.setting import QuantSetting
 
-VARIANTS = ("fp", "packed", "packed_int8", "packed_a8", "packed_hf", "torch_int4", "tvm", "tvm_int8", *llamacpp.VARIANTS)
+VARIANTS = ("fp", "packed", "packed_int8", "packed_a8", "packed_hf", "torch_int4", "tvm", "tvm_int8",
+            *llamacpp.VARIANTS)
 PROFILED = ("packed", "packed_int8", "packed_a8", "packed_hf")  # variants that also get a decode-step profile
 GB = 1e9
 
@@ -420,7 +421,8 @@ def bench_variants(packed_path: str | Path, device: torch.device | str = "cpu",
     no_tvm = "CPU only (TVM build for llvm)" if device.type != "cpu" else _tvm_missing()
     skip = {
         "packed_int8": no_int8,
-        "packed_a8": no_int8 or ("CPU only (AVX-512 VNNI kernels)" if device.type != "cpu" else cpu_kernels.a8_unavailable()),
+        "packed_a8": no_int8 or ("CPU only (AVX-512 VNNI kernels)" if device.type != "cpu"
+                                 else cpu_kernels.a8_unavailable()),
         "torch_int4": "CPU only (aten._weight_int4pack_mm_for_cpu)" if device.type != "cpu" else None,
         "tvm": no_tvm,
         "tvm_int8": no_tvm or no_int8,
