@@ -80,7 +80,7 @@ def zero_scales(weight: PackedWeight) -> torch.Tensor:
 def matmul(x: torch.Tensor, weight: PackedWeight, zs: torch.Tensor) -> torch.Tensor:
     """``x @ Wᵀ`` (float32) with ``zs = zero_scales(weight)``; ``x [..., in]`` → ``[..., out]``."""
     group = weight.spec.group_size or weight.in_features
-    return _module().matmul(x, weight.qweight, weight.scales, zs, weight.spec.bits, group)
+    return _module().matmul(x, weight.qweight, weight.scales, zs, weight.spec.bits, group, False, False)
 
 
 def dequantize(weight: PackedWeight) -> torch.Tensor:
@@ -92,7 +92,7 @@ def dequantize(weight: PackedWeight) -> torch.Tensor:
 
 def int8_matmul(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """``x @ (q·scales[:, None])ᵀ`` for int8 ``q [out, in]`` and float32 ``scales [out]``."""
-    return _module().int8_matmul(x, q, scales)
+    return _module().int8_matmul(x, q, scales, False)
 
 
 def a8_unavailable() -> str | None:
@@ -138,13 +138,13 @@ def matmul_a8(x: torch.Tensor, weight: PackedWeight, zs: torch.Tensor,
     group multiples of 32); ``qweight_a8``: ``a8_layout(weight)``, computed once by the caller (faster for 3 bits)."""
     group = weight.spec.group_size or weight.in_features
     qweight = weight.qweight if qweight_a8 is None else qweight_a8
-    return _module().matmul_a8(x, qweight, weight.scales, zs, weight.spec.bits, group,
-                               qweight_a8 is not None and weight.spec.bits == 3)
+    return _module().matmul(x, qweight, weight.scales, zs, weight.spec.bits, group, True,
+                            qweight_a8 is not None and weight.spec.bits == 3)
 
 
 def int8_matmul_a8(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """:func:`int8_matmul` on ``round_activations(x)`` (``in`` a multiple of 32)."""
-    return _module().int8_matmul_a8(x, q, scales)
+    return _module().int8_matmul(x, q, scales, True)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

@@ -4,7 +4,7 @@
 // llama.cpp's Q8 activations), and the integer products are summed by vpdpbusd (64 u8·s8 products
 // an instruction), then scaled in float32:
 //
-// matmul_a8: y[r, n] = Σ_lanes (Σ_lane q·xi)·s[n, g]·a[r, b] − Σ_g (z·s)[n, g]·x̂sum[r, g],
+// matmul_a8 (matmul's act8 path): y[r, n] = Σ_lanes (Σ_lane q·xi)·s[n, g]·a[r, b] − Σ_g (z·s)[n, g]·x̂sum[r, g],
 //   x̂sum = Σ_{k∈g} a·xi (the rounded x, so the offset term sees the same x as the codes).
 //   A chunk of a width-W plane is 64 bytes (W = 4, 2: 128 or 256 codes) or 8 bytes (W = 1: 64
 //   codes, a mask). A byte of a W-bit plane holds 8/W consecutive codes, so the codes of sub-plane j
@@ -16,7 +16,7 @@
 //   3-bit weights in the a8 layout (omniquant.kernels.cpu.a8_layout: the 1-bit plane's bits stored in
 //   the 2-bit plane's sub order, chunk by chunk) take one pass: each sub's 2-bit codes get bit 2 from
 //   a 64-bit mask, so one vpdpbusd per 64 codes, as for 2 bits.
-// int8_matmul_a8: y[r, n] = s[n]·Σ_b a[r, b]·Σ_{k∈b} q[n, k]·xi[r, k] for int8 q (the 8-bit head):
+// int8_matmul_a8 (int8_matmul's act8 path): y[r, n] = s[n]·Σ_b a[r, b]·Σ_{k∈b} q[n, k]·xi[r, k] for int8 q (the 8-bit head):
 //   vpdpbusd multiplies u8 by s8, so it takes |xi| and q with xi's sign moved onto it.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -34,15 +34,14 @@ constexpr int BLOCK = 32;  // activation block (codes per int8 scale)
 constexpr int64_t GRAIN = 16;
 constexpr int64_t AHEAD = 4;  // output rows between a row's prefetch and its use
 
-// x rows rounded to int8 per block of 32: xi [rows, padded], a [rows, in/32].
+// x rows rounded to int8 per block of 32: xi [rows, in], a [rows, in/32].
 struct Rounded {
   std::vector<int8_t> xi;
   std::vector<float> a;
-  int64_t padded;
 };
 
-Rounded round_rows(const float* x, int64_t rows, int64_t in, int64_t padded) {
-  Rounded out{std::vector<int8_t>(rows * padded, 0), std::vector<float>(rows * (in / BLOCK)), padded};
+Rounded round_rows(const float* x, int64_t rows, int64_t in) {
+  Rounded out{std::vector<int8_t>(rows * in, 0), std::vector<float>(rows * (in / BLOCK))};
   for (int64_t r = 0; r < rows; ++r)
     for (int64_t b = 0; b < in / BLOCK; ++b) {
       const float* xb = x + r * in + b * BLOCK;
@@ -51,7 +50,7 @@ Rounded round_rows(const float* x, int64_t rows, int64_t in, int64_t padded) {
       const float a = amax / 127.f, inv = a > 0.f ? 1.f / a : 0.f;
       out.a[r * (in / BLOCK) + b] = a;
       for (int i = 0; i < BLOCK; ++i)
-        out.xi[r * padded + b * BLOCK + i] = static_cast<int8_t>(std::nearbyint(xb[i] * inv));
+        out.xi[r * in + b * BLOCK + i] = static_cast<int8_t>(std::nearbyint(xb[i] * inv));
     }
   return out;
 }
@@ -101,7 +100,7 @@ PlaneX plane_x(const Rounded& xr, int64_t rows, int64_t in, int64_t group, Plane
     }
     for (int64_t r = 0; r < rows; ++r) {
       int8_t* dst = p.xw.data() + (r * p.chunks + c) * subs * 64;
-      const int8_t* src = xr.xi.data() + r * xr.padded;
+      const int8_t* src = xr.xi.data() + r * in;
       for (int j = 0; j < subs; ++j)
         for (int m = 0; m < 64; ++m) {
           const int64_t k = pl.width == 1 ? c0 + m : c0 + m * per_byte + j;
@@ -240,7 +239,7 @@ HeadX head_x(const Rounded& xr, int64_t rows, int64_t in) {
   h.lane_a.assign(rows * h.chunks * 16, 0.f);
   for (int64_t r = 0; r < rows; ++r)
     for (int64_t k = 0; k < in; ++k) {
-      const int8_t v = xr.xi[r * xr.padded + k];
+      const int8_t v = xr.xi[r * in + k];
       h.ax[r * h.chunks * 64 + k] = static_cast<uint8_t>(v < 0 ? -v : v);
       if (v < 0) h.neg[r * h.chunks + k / 64] |= uint64_t(1) << (k % 64);
       if (k % 4 == 0) h.lane_a[(r * h.chunks + k / 64) * 16 + (k % 64) / 4] = xr.a[r * (in / BLOCK) + k / BLOCK];
@@ -275,20 +274,10 @@ bool has_vnni() {
   return yes;
 }
 
-torch::Tensor matmul_a8(torch::Tensor x, torch::Tensor qweight, torch::Tensor scales, torch::Tensor zero_scales,
-                        int64_t bits, int64_t group, bool a8_layout) {
-  TORCH_CHECK(has_vnni(), "matmul_a8 needs AVX-512 VNNI");
-  const int64_t in = x.size(-1), out = qweight.size(0), n_groups = scales.size(1);
-  TORCH_CHECK(x.dtype() == torch::kFloat32 && qweight.dtype() == torch::kInt32 && qweight.is_contiguous() &&
-                  scales.dtype() == torch::kFloat32 && scales.is_contiguous() && bits >= 1 && bits <= 7,
-              "matmul_a8 takes float32 x, a contiguous int32 qweight, float32 scales and 1..7 bits");
-  TORCH_CHECK(in % 32 == 0 && group % 32 == 0 && qweight.size(1) == in / 32 * bits &&
-                  n_groups == (in + group - 1) / group,
-              "matmul_a8 needs in_features and the group size to be multiples of 32");
-  auto x2 = x.reshape({-1, in}).contiguous();
-  auto zs = zero_scales.contiguous();
-  const int64_t rows = x2.size(0);
-  const Rounded xr = round_rows(x2.data_ptr<float>(), rows, in, in);
+void matmul_a8(const float* x, int64_t rows, int64_t in, const int32_t* qweight, int64_t words, const float* s,
+               const float* zs, int64_t n_groups, int64_t bits, int64_t group, bool a8_layout, float* y, int64_t out) {
+  TORCH_CHECK(has_vnni(), "int8 activations need AVX-512 VNNI");
+  const Rounded xr = round_rows(x, rows, in);
   std::vector<float> xhat_sum(rows * n_groups, 0.f);
   for (int64_t r = 0; r < rows; ++r)
     for (int64_t b = 0; b < in / BLOCK; ++b) {
@@ -301,37 +290,17 @@ torch::Tensor matmul_a8(torch::Tensor x, torch::Tensor qweight, torch::Tensor sc
   std::vector<PlaneX> px;
   for (const Plane& pl : planes_of(static_cast<int>(bits)))
     if (!fused3 || pl.width == 2) px.push_back(plane_x(xr, rows, in, group, pl));
-  auto y = torch::empty({rows, out}, x.options());
-  const int32_t* qp = qweight.data_ptr<int32_t>();
-  const float *sp = scales.data_ptr<float>(), *zp = zs.data_ptr<float>();
-  float* yp = y.data_ptr<float>();
-  const int64_t words = qweight.size(1);
   at::parallel_for(0, out, GRAIN, [&](int64_t begin, int64_t end) {
-    matmul_a8_rows(px, fused3, qp, words, in, group, sp, zp, xhat_sum, rows, n_groups, yp, out, begin, end);
+    matmul_a8_rows(px, fused3, qweight, words, in, group, s, zs, xhat_sum, rows, n_groups, y, out, begin, end);
   });
-  auto shape = x.sizes().vec();
-  shape.back() = out;
-  return y.reshape(shape);
 }
 
-torch::Tensor int8_matmul_a8(torch::Tensor x, torch::Tensor q, torch::Tensor scales) {
-  TORCH_CHECK(has_vnni(), "int8_matmul_a8 needs AVX-512 VNNI");
-  const int64_t in = x.size(-1), out = q.size(0);
-  TORCH_CHECK(q.dtype() == torch::kInt8 && q.is_contiguous() && q.size(1) == in && in % 32 == 0,
-              "q must be a contiguous int8 [out, in] tensor, in a multiple of 32");
-  TORCH_CHECK(x.dtype() == torch::kFloat32 && scales.dtype() == torch::kFloat32, "x and scales must be float32");
-  auto x2 = x.reshape({-1, in}).contiguous();
-  auto s = scales.contiguous();
-  const int64_t rows = x2.size(0);
-  const HeadX h = head_x(round_rows(x2.data_ptr<float>(), rows, in, in), rows, in);
-  auto y = torch::empty({rows, out}, x.options());
-  const int8_t* qp = q.data_ptr<int8_t>();
-  const float* sp = s.data_ptr<float>();
-  float* yp = y.data_ptr<float>();
+void int8_matmul_a8(const float* x, int64_t rows, int64_t in, const int8_t* q, const float* s, float* y,
+                    int64_t out) {
+  TORCH_CHECK(has_vnni(), "int8 activations need AVX-512 VNNI");
+  TORCH_CHECK(in % 32 == 0, "int8 activations need in a multiple of 32");
+  const HeadX h = head_x(round_rows(x, rows, in), rows, in);
   at::parallel_for(0, out, GRAIN * 16, [&](int64_t begin, int64_t end) {
-    int8_a8_rows(h, qp, sp, rows, in, yp, out, begin, end);
+    int8_a8_rows(h, q, s, rows, in, y, out, begin, end);
   });
-  auto shape = x.sizes().vec();
-  shape.back() = out;
-  return y.reshape(shape);
 }

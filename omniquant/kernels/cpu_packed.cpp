@@ -327,10 +327,24 @@ void check_packed(const torch::Tensor& qweight, const torch::Tensor& scales, int
               "the kernel needs in_features and the group size to be multiples of 32");
 }
 
+// The output shape: x's leading dimensions, then out.
+std::vector<int64_t> out_shape(const torch::Tensor& x, int64_t out) {
+  auto shape = x.sizes().vec();
+  shape.back() = out;
+  return shape;
+}
+
 }  // namespace
 
+// cpu_a8.cpp: the int8-activation paths (act8)
+bool has_vnni();
+void matmul_a8(const float* x, int64_t rows, int64_t in, const int32_t* qweight, int64_t words, const float* s,
+               const float* zs, int64_t n_groups, int64_t bits, int64_t group, bool a8_layout, float* y, int64_t out);
+void int8_matmul_a8(const float* x, int64_t rows, int64_t in, const int8_t* q, const float* s, float* y,
+                    int64_t out);
+
 torch::Tensor matmul(torch::Tensor x, torch::Tensor qweight, torch::Tensor scales, torch::Tensor zero_scales,
-                     int64_t bits, int64_t group) {
+                     int64_t bits, int64_t group, bool act8, bool a8_layout) {
   const int64_t in = x.size(-1), out = qweight.size(0);
   check_packed(qweight, scales, in, group);
   TORCH_CHECK(qweight.size(1) == in / WORD * bits, "qweight does not hold ", bits, "-bit rows of ", in, " codes");
@@ -340,6 +354,12 @@ torch::Tensor matmul(torch::Tensor x, torch::Tensor qweight, torch::Tensor scale
   auto y = torch::empty({x2.size(0), out}, x.options());
   const int64_t words = qweight.size(1), groups = scales.size(1), rows = x2.size(0);
   const float* xp = x2.data_ptr<float>();
+  if (act8) {
+    TORCH_CHECK(bits >= 1 && bits <= 7, "the kernel handles 1- to 7-bit codes, got ", bits);
+    matmul_a8(xp, rows, in, qweight.data_ptr<int32_t>(), words, scales.data_ptr<float>(), zs.data_ptr<float>(),
+              groups, bits, group, a8_layout, y.data_ptr<float>(), out);
+    return y.reshape(out_shape(x, out));
+  }
   switch (bits) {
 #define OMNIQUANT_BITS(B)                                                                                    \
   case B:                                                                                                    \
@@ -352,9 +372,7 @@ torch::Tensor matmul(torch::Tensor x, torch::Tensor qweight, torch::Tensor scale
     default:
       TORCH_CHECK(false, "the kernel handles 1- to 7-bit codes, got ", bits);
   }
-  auto shape = x.sizes().vec();
-  shape.back() = out;
-  return y.reshape(shape);
+  return y.reshape(out_shape(x, out));
 }
 
 torch::Tensor dequantize(torch::Tensor qweight, torch::Tensor scales, torch::Tensor zeros, int64_t bits,
@@ -386,7 +404,7 @@ torch::Tensor dequantize(torch::Tensor qweight, torch::Tensor scales, torch::Ten
   return w;
 }
 
-torch::Tensor int8_matmul(torch::Tensor x, torch::Tensor q, torch::Tensor scales) {
+torch::Tensor int8_matmul(torch::Tensor x, torch::Tensor q, torch::Tensor scales, bool act8) {
   const int64_t in = x.size(-1), out = q.size(0);
   TORCH_CHECK(q.dtype() == torch::kInt8 && q.is_contiguous() && q.size(1) == in && in % 8 == 0,
               "q must be a contiguous int8 [out, in] tensor, in a multiple of 8");
@@ -398,6 +416,10 @@ torch::Tensor int8_matmul(torch::Tensor x, torch::Tensor q, torch::Tensor scales
   const float *xp = x2.data_ptr<float>(), *sp = s.data_ptr<float>();
   const int8_t* qp = q.data_ptr<int8_t>();
   float* yp = y.data_ptr<float>();
+  if (act8) {
+    int8_matmul_a8(xp, rows, in, qp, sp, yp, out);
+    return y.reshape(out_shape(x, out));
+  }
   at::parallel_for(0, out, GRAIN * 16, [&](int64_t begin, int64_t end) {
     if (has_avx512()) {
       int8_rows512(xp, rows, in, qp, sp, yp, out, begin, end);
@@ -417,9 +439,7 @@ torch::Tensor int8_matmul(torch::Tensor x, torch::Tensor q, torch::Tensor scales
       }
     }
   });
-  auto shape = x.sizes().vec();
-  shape.back() = out;
-  return y.reshape(shape);
+  return y.reshape(out_shape(x, out));
 }
 
 // cpu_decode.cpp
@@ -428,20 +448,15 @@ torch::Tensor attend(torch::Tensor qkv, torch::Tensor cos, torch::Tensor sin, to
                      torch::Tensor v_cache, int64_t pos, int64_t start, double scale, int64_t heads,
                      c10::optional<torch::Tensor> q_norm, c10::optional<torch::Tensor> k_norm, double eps);
 torch::Tensor glu(torch::Tensor gate_up, int64_t gelu);
-// cpu_a8.cpp
-bool has_vnni();
-torch::Tensor matmul_a8(torch::Tensor x, torch::Tensor qweight, torch::Tensor scales, torch::Tensor zero_scales,
-                        int64_t bits, int64_t group, bool a8_layout);
-torch::Tensor int8_matmul_a8(torch::Tensor x, torch::Tensor q, torch::Tensor scales);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rms_norm", &rms_norm, "RMSNorm over the last dimension (float32)");
   m.def("attend", &attend, "one new position's rotary attention over the KV cache");
   m.def("glu", &glu, "act(gate)·up of a stacked [gate | up] row");
-  m.def("matmul", &matmul, "y = x·Wᵀ on packed codes (a few rows of x)");
+  m.def("matmul", &matmul, "y = x·Wᵀ on packed codes (a few rows of x; act8: x rounded to int8 per block of 32, "
+        "AVX-512 VNNI; a8_layout: qweight in omniquant.kernels.cpu.a8_layout)");
   m.def("dequantize", &dequantize, "the float32 weight (q - z)·s of packed codes");
-  m.def("int8_matmul", &int8_matmul, "y = x·(q·s)ᵀ for an int8 weight with per-row scales");
+  m.def("int8_matmul", &int8_matmul, "y = x·(q·s)ᵀ for an int8 weight with per-row scales (act8: x rounded to "
+        "int8 per block of 32, AVX-512 VNNI)");
   m.def("has_vnni", &has_vnni, "whether the CPU has AVX-512 VNNI (the int8-activation kernels)");
-  m.def("matmul_a8", &matmul_a8, "matmul on x rounded to int8 per block of 32 (AVX-512 VNNI)");
-  m.def("int8_matmul_a8", &int8_matmul_a8, "int8_matmul on x rounded to int8 per block of 32 (AVX-512 VNNI)");
 }
