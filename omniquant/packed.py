@@ -167,10 +167,16 @@ class Int8Linear(nn.Module):
 
 
 class Int8Embedding(Int8Linear):
-    """An embedding lookup on the same int8 rows and scales (``float32`` rows ``q·s``)."""
+    """An embedding lookup on the same int8 rows and scales (``float32`` rows ``q·s``), times the
+    embedding's own row factor ``embed_scale`` (Gemma 3: √hidden; 1 for a plain embedding)."""
+
+    def __init__(self, int8_weight: torch.Tensor, int8_scales: torch.Tensor, embed_scale: float = 1.0):
+        super().__init__(int8_weight, int8_scales)
+        self.embed_scale = embed_scale
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return F.embedding(ids, self.int8_weight).float() * self.int8_scales[ids].unsqueeze(-1)
+        rows = F.embedding(ids, self.int8_weight).float() * self.int8_scales[ids].unsqueeze(-1)
+        return rows if self.embed_scale == 1.0 else rows * self.embed_scale
 
 
 def use_int8_activations(model: nn.Module) -> int:
@@ -211,9 +217,12 @@ def load_packed_model(path: str | Path) -> nn.Module:
     for path, stored in header.get("int8", {}).items():  # 8-bit embeddings (a tied pair shares its tensors)
         int8 = [tensors[f"{stored}.{t}"] for t in INT8_TENSORS]
         tensors |= {f"{path}.{t}": x for t, x in zip(INT8_TENSORS, int8)}
-        layer = Int8Embedding if isinstance(model.get_submodule(path), nn.Embedding) else Int8Linear
+        if isinstance(model.get_submodule(path), nn.Embedding):
+            layer = Int8Embedding(*int8, header.get("embed_scale", {}).get(path, 1.0))
+        else:
+            layer = Int8Linear(*int8)
         parent, _, child = path.rpartition(".")
-        setattr(model.get_submodule(parent), child, layer(*int8))
+        setattr(model.get_submodule(parent), child, layer)
     tensors |= {alias: tensors[stored] for alias, stored in header["aliases"].items()}
     model.load_state_dict(tensors, strict=True, assign=True)
     for module in model.modules():  # non-persistent buffers (rotary inv_freq, embedding scales) are not in the file

@@ -26,13 +26,15 @@ own name, each tied tensor once. Metadata: ``format`` (``omniquant-packed``), ``
 (``1``) and ``header``, a JSON object with ``bits``, ``group_size``, ``symmetric``,
 ``scale_dtype``, ``dtype`` (of the other tensors), ``config`` (the HF config), ``linears``
 (``{path: [out, in]}``), ``aliases`` (``{tied name: stored name}``) and ``int8``
-(``{module path: stored module path}``, empty unless asked for).
+(``{module path: stored module path}``, empty unless asked for) and ``embed_scale`` (``{module path:
+factor}`` for an input embedding that multiplies its rows, like Gemma 3's by √hidden).
 
 **8-bit embeddings** (``embedding_bits=8``). The input embedding and the LM head, the largest
 float tensors of a small model (SmolLM2-135M: 28M of its 135M weights, tied), can be stored as
 ``<module>.int8_weight`` (int8 ``[rows, cols]``) and ``<module>.int8_scales`` (float32 ``[rows]``):
 symmetric per row, ``s = max|w|/127``, ``w ≈ q·s``. A tied pair is stored once (``int8`` maps
-both module paths to it). This is a lossy option on top of the method's quantization: its
+both module paths to it); a scaled input embedding keeps its factor in ``embed_scale``, the rows
+stay those of the tied head. This is a lossy option on top of the method's quantization: its
 perplexity cost is measured by the pack stage.
 """
 from __future__ import annotations
@@ -189,15 +191,21 @@ def int8_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8), scales
 
 
-def _int8_embeddings(model: nn.Module, state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """The 8-bit input embedding and LM head (module docstring), popped from ``state``."""
+def _int8_embeddings(model: nn.Module, state: dict[str, torch.Tensor]
+                     ) -> tuple[dict[str, torch.Tensor], dict[str, str], dict[str, float]]:
+    """The 8-bit input embedding and LM head (module docstring), popped from ``state``, and the input
+    embedding's row factor where it has one (``embed_scale``)."""
     tensors: dict[str, torch.Tensor] = {}
     stored: dict[int, str] = {}
     mapping: dict[str, str] = {}
     names = {id(m): name for name, m in model.named_modules()}
-    for module in (model.get_input_embeddings(), model.get_output_embeddings()):
-        if type(module) not in (nn.Embedding, nn.Linear) or getattr(module, "bias", None) is not None:
-            raise ValueError(f"8-bit embeddings need a plain nn.Embedding / bias-free nn.Linear, got {type(module).__name__}")
+    embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
+    scaled = isinstance(embedding, nn.Embedding) and isinstance(getattr(embedding, "embed_scale", None), torch.Tensor)
+    for module in (embedding, head):
+        plain = type(module) in (nn.Embedding, nn.Linear) or (module is embedding and scaled)
+        if not plain or getattr(module, "bias", None) is not None:
+            raise ValueError("8-bit embeddings need a plain (or row-scaled) nn.Embedding / bias-free nn.Linear, "
+                             f"got {type(module).__name__}")
         path, ptr = names[id(module)], module.weight.data_ptr()
         if ptr not in stored:
             stored[ptr] = path
@@ -205,7 +213,8 @@ def _int8_embeddings(model: nn.Module, state: dict[str, torch.Tensor]) -> tuple[
             tensors |= {f"{path}.int8_weight": q, f"{path}.int8_scales": scales}
         mapping[path] = stored[ptr]
         state.pop(f"{path}.weight")
-    return tensors, mapping
+    factors = {names[id(embedding)]: float(embedding.embed_scale.to(embedding.weight.dtype))} if scaled else {}
+    return tensors, mapping, factors
 
 
 def pack_model(model: nn.Module, qparams: dict[str, dict[str, torch.Tensor]], spec: QuantSpec,
@@ -234,8 +243,9 @@ def pack_model(model: nn.Module, qparams: dict[str, dict[str, torch.Tensor]], sp
         tensors |= {f"{path}.{name}": t for name, t in packed.tensors().items()}
         linears[path] = list(weight.shape)
     int8: dict[str, str] = {}
+    embed_scale: dict[str, float] = {}
     if embedding_bits:
-        int8_tensors, int8 = _int8_embeddings(model, state)
+        int8_tensors, int8, embed_scale = _int8_embeddings(model, state)
         tensors |= int8_tensors
     stored: dict[tuple, str] = {}
     aliases: dict[str, str] = {}
@@ -257,6 +267,7 @@ def pack_model(model: nn.Module, qparams: dict[str, dict[str, torch.Tensor]], sp
         "linears": linears,
         "aliases": aliases,
         "int8": int8,
+        "embed_scale": embed_scale,
     }
     return tensors, header
 

@@ -11,7 +11,7 @@ from transformers import LlamaForCausalLM
 
 from omniquant.arch import adapter_of
 from omniquant.block import merge_qparams
-from omniquant.models.tiny import tiny_llama
+from omniquant.models.tiny import tiny_llama, tiny_model
 from omniquant.packed import Int8Embedding, Int8Linear, PackedLinear, bits_per_weight, byte_counts, load_packed_model
 from omniquant.packing import (
     codes_from_weight,
@@ -201,6 +201,21 @@ def test_8_bit_embeddings(tmp_path, tied):
         assert torch.equal(packed(ids).logits, reference(ids).logits)
         one = ids[:1, :1]  # a decoding row: the int8 kernel for the head
         torch.testing.assert_close(packed(one).logits, reference(one).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_8_bit_embeddings_keep_a_scaled_embedding_s_factor(tmp_path):
+    model, _ = tiny_model("gemma3_text")  # Gemma 3 multiplies the looked-up rows by √hidden
+    factor = float(model.get_input_embeddings().embed_scale)
+    assert factor == model.config.hidden_size ** 0.5
+    spec = QuantSpec(4, 64)
+    path = save_packed(tmp_path / "int8.safetensors", model, fake_quantize_model(model, spec), spec, embedding_bits=8)
+    assert load_packed(path)[1]["embed_scale"] == {"model.embed_tokens": factor}
+    packed = load_packed_model(path)
+    assert packed.get_input_embeddings().embed_scale == factor
+    reference = _with_int8_embeddings(model)
+    ids = token_ids(model.config.vocab_size)
+    with torch.no_grad():
+        torch.testing.assert_close(packed(ids).logits, reference(ids).logits, rtol=1e-5, atol=1e-5)
 
 
 def test_embedding_bits_must_be_8():
