@@ -24,7 +24,7 @@ decoding rows rounded to int8, :func:`omniquant.packed.use_int8_activations`: th
 also gets ``vs_packed_int8``, :func:`decode_agreement` against ``packed_int8``), ``packed_hf`` (the packed model
 through HF's own forward and cache, to show what the decoder saves), ``torch_int4`` (CPU, 4-bit:
 the packed model with bfloat16 activations, so :class:`~omniquant.packed.PackedLinear` runs
-``aten._weight_int4pack_mm_for_cpu``), ``tvm`` (CPU: :mod:`omniquant.mlc.tvm_llama`), ``tvm_int8``
+``aten._weight_int4pack_mm_for_cpu``), ``tvm`` (CPU: :mod:`omniquant.mlc.tvm_decoder`), ``tvm_int8``
 (its build of the checkpoint with 8-bit embeddings) and the
 llama.cpp variants of :mod:`omniquant.llamacpp` (CPU, batch 1, a GGUF file each). The packed
 variants also get ``step_ms``: one batch-1 decode step's milliseconds in the packed linears, the
@@ -204,7 +204,7 @@ def decoder_runner(model: nn.Module, max_len: int) -> Runner:
 
 def tvm_runner(packed_path: str | Path, out_dir: str | Path) -> Runner:
     """A runner for the TVM build of a packed checkpoint (CPU, float32)."""
-    from omniquant.mlc.tvm_llama import compile_tvm
+    from omniquant.mlc.tvm_decoder import compile_tvm
 
     model = load_packed_model(packed_path).float()  # the TVM build's parameters are float32 too
     built = compile_tvm(model, out_dir)

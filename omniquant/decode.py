@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from omniquant.arch import Adapter, adapter_of
+from omniquant.arch.base import View
 from omniquant.errors import UserError
 from omniquant.kernels import cpu as cpu_kernels
 from omniquant.logits import head
@@ -86,15 +87,29 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
 
 
-def _layer(adapter: Adapter, layer: nn.Module, config, i: int) -> _Layer:
-    layout = adapter.layout(layer, config)
-    views = layout.views
+def plain_views(adapter: Adapter, layer: nn.Module, config, who: str = "the decoder") -> dict[str, View]:
+    """The layer's q/k/v/o and gate/up/down views, for families a lean decoder (ours, the TVM build) can
+    run: whole linears, a gated MLP, RMSNorms, rotary positions, no attention softcapping; else a one-line
+    error."""
+    views = adapter.layout(layer, config).views
     if adapter.mlp != "glu" or set(views) != {"q", "k", "v", "o", "gate", "up", "down"} or any(
             v.rows is not None or v.expert is not None for v in views.values()):
-        raise UserError(f"the decoder runs families with separate q/k/v/o and gate/up/down linears; "
+        raise UserError(f"{who} runs families with separate q/k/v/o and gate/up/down linears; "
                         f"{adapter.family} has another layout")
     if getattr(config, "attn_logit_softcapping", None) or not adapter.norm.startswith("rms"):
-        raise UserError(f"the decoder runs RMSNorm families without attention softcapping; {adapter.family} is not one")
+        raise UserError(f"{who} runs RMSNorm families without attention softcapping; {adapter.family} is not one")
+    if adapter.rotary is None:
+        raise UserError(f"{who} needs rotary positions; {adapter.family} has learned ones")
+    return views
+
+
+def activation(config) -> str:
+    """The MLP activation's name in ``config`` (``hidden_activation`` where a family has it)."""
+    return getattr(config, "hidden_activation", None) or config.hidden_act
+
+
+def _layer(adapter: Adapter, layer: nn.Module, config, i: int) -> _Layer:
+    views = plain_views(adapter, layer, config)
     module = {role: layer.get_submodule(v.module) for role, v in views.items()}
     attn = layer.get_submodule(adapter.attention)
     d = attn.head_dim
@@ -109,7 +124,7 @@ def _layer(adapter: Adapter, layer: nn.Module, config, i: int) -> _Layer:
         act_fn=layer.get_submodule(adapter.act_fn),
         heads=(module["q"].out_features // d, module["k"].out_features // d), head_dim=d,
         scaling=attn.scaling, window=adapter.sliding_window(config, i),
-        gelu=GLU_ACTS.get(getattr(config, "hidden_activation", None) or getattr(config, "hidden_act", None)),
+        gelu=GLU_ACTS.get(activation(config)),
     )
 
 
@@ -138,8 +153,6 @@ class Decoder:
 
     def __init__(self, model: nn.Module, max_len: int):
         self.adapter = adapter_of(model)
-        if self.adapter.rotary is None:
-            raise UserError(f"the decoder needs rotary positions; {self.adapter.family} has learned ones")
         self.model, self.max_len = model, max_len
         config = model.config
         self.layers = [_layer(self.adapter, layer, config, i)

@@ -2,7 +2,8 @@
 
 ``python -m pipelines.compose_params [grid=smoke] [--check]``. The file holds the grid that
 ``dvc.yaml`` templates over (``grid.cells``: the union of the grid's settings x methods blocks,
-keyed ``<model>-<setting>-<method>``; ``grid.name``: the grid's conf file; ``grid.zeroshot_cells`` likewise for the zero-shot stage, ``grid.pack_cells`` / ``grid.speed_cells`` for the pack, mlc_compile and bench_speed stages) and the composed default config, for reference; each DVC
+keyed ``<model>-<setting>-<method>``; ``grid.name``: the grid's conf file; ``grid.zeroshot_cells`` likewise for the zero-shot stage, ``grid.pack_cells`` / ``grid.speed_cells`` for the pack, mlc_compile and bench_speed stages, a speed cell with
+its ``bench`` option) and the composed default config, for reference; each DVC
 cell tracks its own ``conf/**.yaml`` files as params. ``--check`` exits 1 if the file is stale.
 """
 from __future__ import annotations
@@ -65,8 +66,13 @@ def zeroshot_cells(grid: dict) -> dict[str, dict[str, str]]:
 
 
 def stage_cells(grid: dict, name: str) -> dict[str, dict[str, str]]:
-    """Cells of a stage that iterates the grid's ``name`` blocks (``pack``, ``speed``)."""
-    return grid_cells(grid["models"], (grid.get(name) or {"blocks": []})["blocks"])
+    """Cells of a stage that iterates the grid's ``name`` blocks (``pack``, ``speed``); a speed cell also
+    names its ``conf/bench`` option (its block's ``bench``, else the grid's)."""
+    cells = {}
+    for block in (grid.get(name) or {"blocks": []})["blocks"]:
+        extra = {"bench": block.get("bench", grid["bench"])} if name == "speed" else {}
+        cells |= {key: cell | extra for key, cell in grid_cells(grid["models"], [block]).items()}
+    return cells
 
 
 def compose_params(overrides: list[str]) -> str:

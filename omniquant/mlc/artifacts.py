@@ -6,7 +6,7 @@
   context window, vocab, tokenizer files and info, conversation template) and the tokenizer files;
 - ``out/hf/``: an HF checkpoint for ``mlc_llm convert_weight``, by one of two routes:
 
-  - ``awq`` (4-bit, groups of 128, asymmetric): the AutoAWQ checkpoint of :mod:`omniquant.export.awq`,
+  - ``awq`` (4-bit, groups of 128, asymmetric; Llama, whose MLC loader reads AWQ): the AutoAWQ checkpoint of :mod:`omniquant.export.awq`,
     quantization ``q4f16_autoawq`` (MLC's only asymmetric mode). Codes and zero points are ours;
     scales are rounded to float16.
   - ``fake-quant-fp16`` (any other weight-only setting): the fake-quantized float16 model, as
@@ -48,13 +48,24 @@ SCHEMA: dict[str, Any] = {
     "conv_template": dict, "pad_token_id": (int, type(None)), "bos_token_id": (int, type(None)),
     "eos_token_id": (int, list, type(None)),
 }
-MODEL_CONFIG_SCHEMA: dict[str, Any] = {  # mlc_llm.model.llama.LlamaConfig
+LLAMA_CONFIG_SCHEMA: dict[str, Any] = {  # mlc_llm.model.llama.LlamaConfig
     "hidden_size": int, "intermediate_size": int, "num_attention_heads": int, "num_hidden_layers": int,
     "rms_norm_eps": float, "vocab_size": int, "tie_word_embeddings": bool, "position_embedding_base": (int, float),
     "rope_scaling": (dict, type(None)), "context_window_size": int, "prefill_chunk_size": int,
     "num_key_value_heads": int, "head_dim": int, "tensor_parallel_shards": int, "pipeline_parallel_stages": int,
     "max_batch_size": int, "disaggregation": bool,
 }
+GEMMA3_TEXT_SCHEMA: dict[str, Any] = {  # mlc_llm.model.gemma3.Gemma3TextConfig
+    "hidden_size": int, "intermediate_size": int, "num_hidden_layers": int, "attention_bias": bool,
+    "num_attention_heads": int, "num_key_value_heads": int, "head_dim": int, "rms_norm_eps": float,
+    "hidden_activation": str, "position_embedding_base": (int, float), "rope_scaling": int,
+    "context_window_size": int, "prefill_chunk_size": int, "query_pre_attn_scalar": int, "sliding_window_size": int,
+}
+GEMMA3_CONFIG_SCHEMA: dict[str, Any] = {  # mlc_llm.model.gemma3.Gemma3Config of a text-only model
+    "text_config": dict, "vocab_size": int, "tensor_parallel_shards": int, "max_batch_size": int,
+    "context_window_size": int, "sliding_window_size": int, "prefill_chunk_size": int, "is_text_model": bool,
+}
+MODEL_CONFIG_SCHEMAS: dict[str, dict[str, Any]] = {"llama": LLAMA_CONFIG_SCHEMA, "gemma3_text": GEMMA3_CONFIG_SCHEMA}
 CONV_SCHEMA: dict[str, Any] = {  # mlc_llm.protocol.conversation_protocol.Conversation
     "name": str, "system_template": str, "system_message": str, "system_prefix_token_ids": (list, type(None)),
     "add_role_after_system_message": bool, "roles": dict, "role_templates": dict, "messages": list, "seps": list,
@@ -83,10 +94,16 @@ def _type_errors(obj: dict[str, Any], schema: dict[str, Any], where: str) -> lis
 def validate_mlc_chat_config(config: dict[str, Any]) -> None:
     """Raise ValueError listing every field of ``config`` that does not fit :data:`SCHEMA`."""
     errors = _type_errors(config, SCHEMA, "config")
-    for key, schema in (("model_config", MODEL_CONFIG_SCHEMA), ("conv_template", CONV_SCHEMA),
+    model_schema = MODEL_CONFIG_SCHEMAS.get(config.get("model_type"))
+    if model_schema is None:
+        errors.append(f"config.model_type: {config.get('model_type')!r} is not one of {', '.join(MODEL_CONFIG_SCHEMAS)}")
+    for key, schema in (("model_config", model_schema), ("conv_template", CONV_SCHEMA),
                         ("tokenizer_info", TOKENIZER_INFO_SCHEMA)):
-        if isinstance(config.get(key), dict):
+        if schema is not None and isinstance(config.get(key), dict):
             errors += _type_errors(config[key], schema, key)
+    text_config = (config.get("model_config") or {}).get("text_config")
+    if config.get("model_type") == "gemma3_text" and isinstance(text_config, dict):
+        errors += _type_errors(text_config, GEMMA3_TEXT_SCHEMA, "model_config.text_config")
     seps = config.get("conv_template", {}).get("seps")
     if isinstance(seps, list) and not 1 <= len(seps) <= 2:
         errors.append("conv_template.seps: MLC needs one or two separators")
@@ -104,9 +121,10 @@ def quantization_name(qm: QuantizedModel) -> str:
 
 
 def _awq_route(qm: QuantizedModel) -> bool:
-    """4-bit asymmetric groups of 128 whose linears AWQ can hold (whole groups, out a multiple of 8)."""
+    """4-bit asymmetric groups of 128 whose linears AWQ can hold (whole groups, out a multiple of 8), for a
+    family whose MLC loader reads AWQ checkpoints (Llama)."""
     spec = qm.spec
-    return (spec.bits, spec.group_size, spec.symmetric) == (awq.BITS, awq.GROUP_SIZE, False) and all(
+    return qm.config.model_type == "llama" and (spec.bits, spec.group_size, spec.symmetric) == (awq.BITS, awq.GROUP_SIZE, False) and all(
         lin.codes.shape[1] % awq.GROUP_SIZE == 0 and lin.codes.shape[0] % 8 == 0 for lin in qm.linears.values())
 
 
@@ -140,32 +158,63 @@ def _tokenizer_info(out: Path) -> dict[str, Any]:
     return {"token_postproc_method": "byte_fallback", "prepend_space_in_encode": True, "strip_space_in_decode": True}
 
 
-def mlc_chat_config(qm: QuantizedModel, tokenizer_files: list[str], tokenizer_info: dict[str, Any],
-                    conv_template: str = "LM", context_window_size: int | None = None,
-                    max_batch_size: int = 128) -> dict[str, Any]:
-    """The ``mlc-chat-config.json`` content for a Llama model (validated against :data:`SCHEMA`)."""
-    cfg = qm.config
-    if cfg.model_type != "llama":
-        raise UserError(f"MLC artifacts are written for Llama models only, not model_type {cfg.model_type!r}")
-    context = context_window_size or cfg.max_position_embeddings
+def _rope_theta(cfg: Any, layer_type: str | None = None) -> float:
     rope = getattr(cfg, "rope_parameters", None) or {}
-    theta = rope.get("rope_theta", getattr(cfg, "rope_theta", 10000.0))
-    scaling = rope if rope.get("rope_type", "default") != "default" else None
-    prefill_chunk = min(context, MAX_PREFILL_CHUNK)
-    model_config = {
+    rope = rope.get(layer_type, rope) if layer_type else rope
+    return rope.get("rope_theta", getattr(cfg, "rope_theta", 10000.0))
+
+
+def _llama_model_config(cfg: Any, context: int, prefill_chunk: int, max_batch_size: int) -> dict[str, Any]:
+    rope = getattr(cfg, "rope_parameters", None) or {}
+    return {
         "hidden_size": cfg.hidden_size, "intermediate_size": cfg.intermediate_size,
         "num_attention_heads": cfg.num_attention_heads, "num_hidden_layers": cfg.num_hidden_layers,
         "rms_norm_eps": float(cfg.rms_norm_eps), "vocab_size": cfg.vocab_size,
-        "tie_word_embeddings": bool(cfg.tie_word_embeddings), "position_embedding_base": theta,
-        "rope_scaling": scaling, "context_window_size": context, "prefill_chunk_size": prefill_chunk,
+        "tie_word_embeddings": bool(cfg.tie_word_embeddings), "position_embedding_base": _rope_theta(cfg),
+        "rope_scaling": rope if rope.get("rope_type", "default") != "default" else None,
+        "context_window_size": context, "prefill_chunk_size": prefill_chunk,
         "num_key_value_heads": cfg.num_key_value_heads, "head_dim": cfg.head_dim, "tensor_parallel_shards": 1,
         "pipeline_parallel_stages": 1, "max_batch_size": max_batch_size, "disaggregation": False,
     }
+
+
+def _gemma3_model_config(cfg: Any, context: int, prefill_chunk: int, max_batch_size: int) -> dict[str, Any]:
+    """MLC's Gemma 3 text config. Its global layers' rotary base is ``position_embedding_base``; MLC's model
+    runs every layer with it and with one window (its Gemma 3 has no per-layer sliding window yet)."""
+    text = {
+        "hidden_size": cfg.hidden_size, "intermediate_size": cfg.intermediate_size,
+        "num_hidden_layers": cfg.num_hidden_layers, "attention_bias": bool(cfg.attention_bias),
+        "num_attention_heads": cfg.num_attention_heads, "num_key_value_heads": cfg.num_key_value_heads,
+        "head_dim": cfg.head_dim, "rms_norm_eps": float(cfg.rms_norm_eps), "hidden_activation": cfg.hidden_activation,
+        "position_embedding_base": _rope_theta(cfg, "full_attention"), "rope_scaling": 0,
+        "context_window_size": context, "prefill_chunk_size": prefill_chunk,
+        "query_pre_attn_scalar": int(cfg.query_pre_attn_scalar), "sliding_window_size": int(cfg.sliding_window),
+    }
+    return {"text_config": text, "vocab_size": cfg.vocab_size, "tensor_parallel_shards": 1,
+            "max_batch_size": max_batch_size, "context_window_size": context,
+            "sliding_window_size": int(cfg.sliding_window), "prefill_chunk_size": prefill_chunk, "is_text_model": True}
+
+
+MODEL_CONFIGS = {"llama": _llama_model_config, "gemma3_text": _gemma3_model_config}
+
+
+def mlc_chat_config(qm: QuantizedModel, tokenizer_files: list[str], tokenizer_info: dict[str, Any],
+                    conv_template: str = "LM", context_window_size: int | None = None,
+                    max_batch_size: int = 128) -> dict[str, Any]:
+    """The ``mlc-chat-config.json`` content for a Llama or Gemma 3 model (validated against :data:`SCHEMA`)."""
+    cfg = qm.config
+    if cfg.model_type not in MODEL_CONFIGS:
+        raise UserError(f"MLC artifacts are written for {', '.join(MODEL_CONFIGS)} models, not model_type "
+                        f"{cfg.model_type!r}")
+    context = context_window_size or cfg.max_position_embeddings
+    prefill_chunk = min(context, MAX_PREFILL_CHUNK)
+    model_config = MODEL_CONFIGS[cfg.model_type](cfg, context, prefill_chunk, max_batch_size)
     bos, eos = cfg.bos_token_id, cfg.eos_token_id
     config = {
-        "version": MLC_CONFIG_VERSION, "model_type": "llama", "quantization": quantization_name(qm),
+        "version": MLC_CONFIG_VERSION, "model_type": cfg.model_type, "quantization": quantization_name(qm),
         "model_config": model_config, "vocab_size": cfg.vocab_size, "context_window_size": context,
-        "sliding_window_size": -1, "prefill_chunk_size": prefill_chunk, "attention_sink_size": -1,
+        "sliding_window_size": model_config.get("sliding_window_size", -1), "prefill_chunk_size": prefill_chunk,
+        "attention_sink_size": -1,
         "tensor_parallel_shards": 1, "pipeline_parallel_stages": 1, "disaggregation": False,
         "active_vocab_size": len(qm.tokenizer) if qm.tokenizer is not None else cfg.vocab_size,
         "temperature": 1.0, "presence_penalty": 0.0, "frequency_penalty": 0.0, "repetition_penalty": 1.0,

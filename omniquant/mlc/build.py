@@ -14,7 +14,7 @@ TVM_PIN = "apache-tvm==0.27.0.post1"
 
 def build_tvm(packed_path: str | Path, out_dir: str | Path, batch: int = 2, seq: int = 16,
               decode_tokens: int = 4, seed: int = 0) -> dict[str, Any]:
-    """Compile a packed Llama checkpoint for ``llvm`` (:func:`omniquant.mlc.tvm_llama.compile_tvm`) and
+    """Compile a packed checkpoint (Llama, Gemma 3) for ``llvm`` (:func:`omniquant.mlc.tvm_decoder.compile_tvm`) and
     compare its logits with ``load_packed_model(packed_path)`` run in float32.
 
     Checks ``prefill`` on random token ids ``[batch, seq]``, and ``decode`` with the KV cache: a
@@ -25,7 +25,7 @@ def build_tvm(packed_path: str | Path, out_dir: str | Path, batch: int = 2, seq:
     if not 0 < decode_tokens < seq:
         raise UserError(f"decode_tokens={decode_tokens} must lie in [1, seq={seq})")
     try:
-        from omniquant.mlc.tvm_llama import compile_tvm
+        from omniquant.mlc.tvm_decoder import compile_tvm
     except ImportError as err:
         return {"status": f"skipped: TVM is not importable ({err}); install it with `pip install {TVM_PIN}`"}
     model = load_packed_model(packed_path).float()

@@ -1,6 +1,6 @@
 """CPU schedule of the TVM build's linears, and the Relax pipeline that applies it.
 
-Every linear of :mod:`omniquant.mlc.tvm_llama` (packed or float) is TE stages:
+Every linear of :mod:`omniquant.mlc.tvm_decoder` (packed or float) is TE stages:
 ``linear_w[k, n]`` (the weight, transposed: for packed weights the dequantization of the codes),
 for packed weights ``linear_z[n, g]`` (zero point times scale), and
 ``linear[.., n] = Σ_k x[.., k] · linear_w[k, n]``. Unscheduled, TVM's ``llvm`` build runs such

@@ -41,6 +41,19 @@ def test_quick_grid_is_a_subset_of_the_cpu_grid():
     assert not quick["speed_cells"] or quick["bench"] == cpu["bench"]
 
 
+def test_a_speed_block_may_name_its_own_bench_option():
+    from pipelines.compose_params import stage_cells
+
+    grid = {"models": ["a", "b"], "bench": "default",
+            "speed": {"blocks": [{"settings": ["w4a16g128"], "methods": ["omniquant"], "models": ["a"]},
+                                 {"settings": ["w4a16g128"], "methods": ["omniquant"], "models": ["b"],
+                                  "bench": "batch1"}]}}
+    cells = stage_cells(grid, "speed")
+    assert {k: c["bench"] for k, c in cells.items()} == {"a-w4a16g128-omniquant": "default",
+                                                          "b-w4a16g128-omniquant": "batch1"}
+    assert "bench" not in stage_cells(grid | {"pack": grid["speed"]}, "pack")["a-w4a16g128-omniquant"]
+
+
 def test_a_block_that_names_models_applies_to_those_only():
     from pipelines.compose_params import grid_cells
 
@@ -63,6 +76,8 @@ def test_cpu_grid_has_the_gemma_cells_of_issue_19():
     assert {n for n in grid["zeroshot_cells"] if n.startswith("gemma3-270m-")} == {
         "gemma3-270m-fp16-fp", "gemma3-270m-w4a4-smoothquant", "gemma3-270m-w4a4-omniquant"}
     assert {n for n in grid["pack_cells"] if n.startswith("gemma3-270m-")} == {"gemma3-270m-w4a16g128-omniquant"}
+    assert {n: c["bench"] for n, c in grid["speed_cells"].items() if n.startswith("gemma3-270m-")} == {
+        "gemma3-270m-w4a16g128-omniquant": "batch1"}
 
 
 def test_a_block_model_outside_the_grid_is_one_line_error():
