@@ -96,8 +96,9 @@ def int8_matmul(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor) -> torch
 
 
 def a8_unavailable() -> str | None:
-    """Why the int8-activation kernels cannot run here (they need AVX-512 VNNI), or ``None``."""
-    return unavailable() or (None if _module().has_vnni() else "this CPU has no AVX-512 VNNI (avx512_vnni)")
+    """Why the int8-activation kernels cannot run here (they need AVX-512 VNNI and VBMI), or ``None``."""
+    return unavailable() or (None if _module().has_vnni() else
+                             "this CPU has no AVX-512 VNNI and VBMI (avx512_vnni, avx512vbmi)")
 
 
 def round_activations(x: torch.Tensor) -> torch.Tensor:
@@ -109,27 +110,16 @@ def round_activations(x: torch.Tensor) -> torch.Tensor:
     return (torch.round(blocks * inv) * a).reshape(x.shape)
 
 
-A8_CHUNK = 256  # codes per chunk of a 2-bit plane in matmul_a8 (64 bytes)
-
-
 def a8_layout(weight: PackedWeight) -> torch.Tensor:
-    """``weight.qweight`` as :func:`matmul_a8` reads it fastest: for 3 bits, the 1-bit plane's bits in the order
-    of the 2-bit plane's chunks (256 codes; ``T`` in a short last one) and subs: code ``256c + 4m + j`` at bit
-    ``256c + (T/4)·j + m``, so each sub's bit 2 is one 64-bit mask (same size; a permutation of the bits).
-    Other widths: ``qweight`` itself."""
+    """``weight.qweight`` as :func:`matmul_a8` reads it fastest: for 3 bits, each row's codes as one contiguous
+    stream, code ``k`` at bits ``3k..3k+2`` (8 codes in 3 bytes; the same size), which the kernel cuts into
+    bytes 64 codes at a time (AVX-512 VBMI). Other widths: ``qweight`` itself."""
     if weight.spec.bits != 3:
         return weight.qweight
-    n, blocks = weight.in_features, weight.in_features // BLOCK
-    plane = weight.qweight[:, 2 * blocks:3 * blocks]  # the 1-bit plane: bit k of its stream is code k
-    bits = ((plane.unsqueeze(-1) >> torch.arange(BLOCK, dtype=torch.int32)) & 1).reshape(-1, n)
-    k = torch.arange(n)
-    chunk, within = k // A8_CHUNK, k % A8_CHUNK
-    length = torch.clamp(n - chunk * A8_CHUNK, max=A8_CHUNK)  # T: codes in k's chunk
-    moved = torch.empty_like(bits)
-    moved[:, chunk * A8_CHUNK + length // 4 * (within % 4) + within // 4] = bits
-    words = (moved.reshape(-1, blocks, BLOCK).long() << torch.arange(BLOCK)).sum(-1)
-    words = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
-    return torch.cat([weight.qweight[:, :2 * blocks], words], dim=1).contiguous()
+    codes = weight.codes().to(torch.int64).reshape(weight.out_features, -1, 8)  # in_features: a multiple of 32
+    triples = (codes << (3 * torch.arange(8))).sum(-1)  # 24 bits per 8 codes
+    stream = ((triples.unsqueeze(-1) >> (8 * torch.arange(3))) & 0xFF).to(torch.uint8)
+    return stream.reshape(weight.out_features, -1).view(torch.int32).contiguous()
 
 
 def matmul_a8(x: torch.Tensor, weight: PackedWeight, zs: torch.Tensor,

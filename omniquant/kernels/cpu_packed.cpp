@@ -454,9 +454,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("attend", &attend, "one new position's rotary attention over the KV cache");
   m.def("glu", &glu, "act(gate)·up of a stacked [gate | up] row");
   m.def("matmul", &matmul, "y = x·Wᵀ on packed codes (a few rows of x; act8: x rounded to int8 per block of 32, "
-        "AVX-512 VNNI; a8_layout: qweight in omniquant.kernels.cpu.a8_layout)");
+        "AVX-512 VNNI and VBMI; a8_layout: qweight in omniquant.kernels.cpu.a8_layout)");
   m.def("dequantize", &dequantize, "the float32 weight (q - z)·s of packed codes");
   m.def("int8_matmul", &int8_matmul, "y = x·(q·s)ᵀ for an int8 weight with per-row scales (act8: x rounded to "
-        "int8 per block of 32, AVX-512 VNNI)");
-  m.def("has_vnni", &has_vnni, "whether the CPU has AVX-512 VNNI (the int8-activation kernels)");
+        "int8 per block of 32, AVX-512 VNNI and VBMI)");
+  m.def("has_vnni", &has_vnni, "whether the CPU has AVX-512 VNNI and VBMI (the int8-activation kernels)");
 }

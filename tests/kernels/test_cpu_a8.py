@@ -43,19 +43,13 @@ def test_matmul_a8_is_the_rounded_input_times_the_weight(spec, cols):
 
 
 @pytest.mark.parametrize("cols", [576, 1536, 256, 32])
-def test_a8_layout_permutes_the_high_plane_of_3_bit_weights_only(cols):
+def test_a8_layout_is_a_contiguous_3_bit_stream_of_3_bit_weights_only(cols):
     weight = packed(QuantSpec(3, 32), out=5, cols=cols)
-    moved = cpu.a8_layout(weight)
-    assert moved.shape == weight.qweight.shape and moved.dtype == torch.int32
-    blocks = cols // 32
-    assert torch.equal(moved[:, :2 * blocks], weight.qweight[:, :2 * blocks])  # the 2-bit plane as stored
-    popcount = lambda words: ((words.unsqueeze(-1) >> torch.arange(32, dtype=torch.int32)) & 1).sum((1, 2))
-    assert torch.equal(popcount(moved[:, 2 * blocks:]), popcount(weight.qweight[:, 2 * blocks:]))
-    # code 4m + j of the first chunk sits at bit (T/4)·j + m
-    codes, length = weight.codes().long(), min(cols, 256)
-    bit = lambda words, i: (words[:, i // 32] >> (i % 32)) & 1
-    for k in sorted({0, 1, 5, min(63, length - 1), length - 1}):
-        assert torch.equal(bit(moved[:, 2 * blocks:], length // 4 * (k % 4) + k // 4), codes[:, k] >> 2)
+    stream = cpu.a8_layout(weight)
+    assert stream.shape == weight.qweight.shape and stream.dtype == torch.int32  # the same size
+    bits = ((stream.view(torch.uint8).long().unsqueeze(-1) >> torch.arange(8)) & 1).reshape(5, -1)
+    codes = (bits.reshape(5, cols, 3) << torch.arange(3)).sum(-1)  # code k at bits 3k..3k+2
+    assert torch.equal(codes, weight.codes().long())
     four = packed(QuantSpec(4, 128))
     assert cpu.a8_layout(four) is four.qweight
 
@@ -103,6 +97,6 @@ def test_use_int8_activations_refuses_without_the_kernels(monkeypatch):
     from omniquant.models.tiny import tiny_llama
     from omniquant.packed import use_int8_activations
 
-    monkeypatch.setattr(cpu, "a8_unavailable", lambda: "this CPU has no AVX-512 VNNI (avx512_vnni)")
+    monkeypatch.setattr(cpu, "a8_unavailable", lambda: "this CPU has no AVX-512 VNNI and VBMI (avx512_vnni, avx512vbmi)")
     with pytest.raises(UserError, match=r"^int8 activations need the VNNI kernels: this CPU has no AVX-512 VNNI"):
         use_int8_activations(tiny_llama()[0])
