@@ -42,6 +42,16 @@ def test_matmul_a8_is_the_rounded_input_times_the_weight(spec, cols):
             assert (got.double() - expected).abs().max() <= 1e-5 * scale
 
 
+@pytest.mark.parametrize("group, cols", [(32, 576), (64, 576), (256, 1536), (512, 640), (192, 768)])
+def test_3_bit_a8_layout_gives_the_product_at_any_group_size(group, cols):
+    weight = packed(QuantSpec(3, group), out=36, cols=cols)
+    x = rows_of(2, cols)
+    expected = cpu.round_activations(x).double() @ weight.dequantize().double().T
+    scale = (x.double().abs() @ weight.dequantize().double().abs().T).max()
+    got = cpu.matmul_a8(x, weight, cpu.zero_scales(weight), cpu.a8_layout(weight))
+    assert (got.double() - expected).abs().max() <= 1e-5 * scale
+
+
 @pytest.mark.parametrize("cols", [576, 1536, 256, 32])
 def test_a8_layout_is_a_contiguous_3_bit_stream_of_3_bit_weights_only(cols):
     weight = packed(QuantSpec(3, 32), out=5, cols=cols)
