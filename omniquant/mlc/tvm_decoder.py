@@ -136,20 +136,17 @@ class Int8Linear(nn.Module):
 
 
 class Int8Embedding(nn.Module):
-    """The 8-bit embedding: the looked-up int8 rows times their scales (and the embedding's row factor)."""
+    """The 8-bit embedding: the looked-up int8 rows times their scales."""
 
-    def __init__(self, vocab: int, hidden: int, factor: float):
-        self.hidden, self.factor = hidden, factor
+    def __init__(self, vocab: int, hidden: int):
+        self.hidden = hidden
         self.int8_weight = nn.Parameter((vocab, hidden), "int8")
         self.int8_scales = nn.Parameter((vocab,), "float32")
 
     def forward(self, ids: nn.Tensor) -> nn.Tensor:
         def f(ids: te.Tensor, q: te.Tensor, s: te.Tensor) -> te.Tensor:
-            def row(b, t, j):
-                value = q[ids[b, t], j].astype("float32") * s[ids[b, t]]
-                return value * tir.const(self.factor, "float32") if self.factor != 1.0 else value
-
-            return te.compute((*ids.shape, self.hidden), row, name="int8_embedding")
+            return te.compute((*ids.shape, self.hidden), lambda b, t, j: q[ids[b, t], j].astype("float32")
+                              * s[ids[b, t]], name="int8_embedding")
 
         return op.tensor_expr_op(f, "int8_embedding", [ids, self.int8_weight, self.int8_scales])
 
@@ -284,19 +281,6 @@ class RotaryEmbedding(nn.Module):
             setattr(self, name, nn.Parameter((head_dim // 2,), "float32"))
 
 
-class Embedding(nn.Module):
-    """Float embedding rows, times the HF module's row factor (1: none)."""
-
-    def __init__(self, vocab: int, hidden: int, factor: float):
-        self.weight = nn.Parameter((vocab, hidden), "float32")
-        self.factor = factor
-
-    def forward(self, ids: nn.Tensor) -> nn.Tensor:
-        rows = op.take(self.weight, op.reshape(ids, (-1,)), axis=0)
-        rows = op.reshape(rows, (*ids.shape, self.weight.shape[1]))
-        return rows * self.factor if self.factor != 1.0 else rows
-
-
 class CausalLM(nn.Module):
     """Parameter names are the HF state-dict names (plus the rotary module's ``inv_freq`` buffers)."""
 
@@ -305,11 +289,9 @@ class CausalLM(nn.Module):
         hf_layers = adapter.decoder_layers(model)
         views = [plain_views(adapter, layer, cfg, "the TVM build") for layer in hf_layers]
         shapes = [_layer_shape(adapter, model, layer, v, i) for i, (layer, v) in enumerate(zip(hf_layers, views))]
-        embedding = model.get_input_embeddings()
-        factor = float(getattr(embedding, "embed_scale", 1.0))
+        self.factor = float(getattr(model.get_input_embeddings(), "embed_scale", 1.0))  # the embedding's row factor
         self.model = Node()
-        self.model.embed_tokens = (Int8Embedding(cfg.vocab_size, cfg.hidden_size, factor) if int8
-                                   else Embedding(cfg.vocab_size, cfg.hidden_size, factor))
+        self.model.embed_tokens = (Int8Embedding if int8 else nn.Embedding)(cfg.vocab_size, cfg.hidden_size)
         self.model.layers = nn.ModuleList([DecoderLayer(adapter, v, shape, linears, spec, f"{adapter.layers}.{i}", cfg)
                                            for i, (v, shape) in enumerate(zip(views, shapes))])
         self.model.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, 1.0 if adapter.norm == "rms_1p" else 0.0)
@@ -319,6 +301,7 @@ class CausalLM(nn.Module):
 
     def _forward(self, ids: nn.Tensor, past_k: nn.Tensor | None = None, past_v: nn.Tensor | None = None):
         h = self.model.embed_tokens(ids)
+        h = h * self.factor if self.factor != 1.0 else h
         n = len(self.shapes)
         if past_k is None:
             pasts = [None] * n
