@@ -20,8 +20,8 @@ Variants (:func:`bench_variants`), the torch ones decoded by :class:`omniquant.d
 (static KV cache, our block forward): ``fp`` (dense model, float32 on CPU, float16 on GPU),
 ``packed`` (:func:`omniquant.packed.load_packed_model`), ``packed_int8`` (the same with the
 8-bit embedding and LM head of the pack stage's second file), ``packed_a8`` (``packed_int8`` with its
-decoding rows rounded to int8, :func:`omniquant.packed.use_int8_activations`: the VNNI kernels; it
-also gets ``vs_packed_int8``, :func:`decode_agreement` against ``packed_int8``), ``packed_hf`` (the packed model
+decoding rows rounded to int8, :func:`omniquant.packed.use_int8_activations`: the int8 kernels; it
+also gets ``isa``, the kernels' path (:func:`omniquant.kernels.cpu.a8_isa`), and ``vs_packed_int8``, :func:`decode_agreement` against ``packed_int8``), ``packed_hf`` (the packed model
 through HF's own forward and cache, to show what the decoder saves), ``torch_int4`` (CPU, 4-bit:
 the packed model with bfloat16 activations, so :class:`~omniquant.packed.PackedLinear` runs
 ``aten._weight_int4pack_mm_for_cpu``), ``tvm`` (CPU: :mod:`omniquant.mlc.tvm_decoder`), ``tvm_int8``
@@ -421,8 +421,8 @@ def bench_variants(packed_path: str | Path, device: torch.device | str = "cpu",
     no_tvm = "CPU only (TVM build for llvm)" if device.type != "cpu" else _tvm_missing()
     skip = {
         "packed_int8": no_int8,
-        "packed_a8": no_int8 or ("CPU only (AVX-512 VNNI kernels)" if device.type != "cpu"
-                                 else cpu_kernels.a8_unavailable()),
+        "packed_a8": no_int8 or ("CPU only (int8-activation CPU kernels)" if device.type != "cpu"
+                                 else cpu_kernels.unavailable()),
         "torch_int4": "CPU only (aten._weight_int4pack_mm_for_cpu)" if device.type != "cpu" else None,
         "tvm": no_tvm,
         "tvm_int8": no_tvm or no_int8,
@@ -437,9 +437,11 @@ def bench_variants(packed_path: str | Path, device: torch.device | str = "cpu",
             results[name] = benchmark(builders[name], device, cfg, bandwidth, profile=name in PROFILED)
         except UserError as err:
             results[name] = {"skipped": str(err)}
-    if "skipped" not in results.get("packed_a8", {"skipped": ""}) and "packed_int8" in variants:
-        results["packed_a8"]["vs_packed_int8"] = decode_agreement(builders["packed_int8"], builders["packed_a8"],
-                                                                  cfg.prompt_len, max(cfg.new_tokens))
+    if "skipped" not in results.get("packed_a8", {"skipped": ""}):
+        results["packed_a8"]["isa"] = cpu_kernels.a8_isa()
+        if "packed_int8" in variants:
+            results["packed_a8"]["vs_packed_int8"] = decode_agreement(
+                builders["packed_int8"], builders["packed_a8"], cfg.prompt_len, max(cfg.new_tokens))
     return results
 
 

@@ -10,7 +10,7 @@
   matmul: equal to it within float rounding); more rows (prefill, perplexity), the kernels'
   dequantization, bit-identical to the fake-quantized weight, then ``F.linear`` (so the packed
   perplexity equals the fake-quantized one). After :func:`use_int8_activations`, the decoding rows
-  go through the int8-activation kernel instead (x rounded to int8 per block of 32, VNNI);
+  go through the int8-activation kernel instead (x rounded to int8 per block of 32; VNNI or AVX2);
 - CPU bfloat16 input, 4-bit, group 32/64/128/256, ``out`` a multiple of 16: torch's int4 kernel
   (``aten._weight_int4pack_mm_for_cpu``, the ``torch_int4`` benchmark variant). It computes
   ``w = (q - 8)·s + m`` per group, so our ``(q - z)·s`` maps exactly onto ``m = (8 - z)·s``. It
@@ -184,9 +184,9 @@ def use_int8_activations(model: nn.Module) -> int:
     int8-activation kernels: every :class:`PackedLinear` on the CPU kernels' layout, and an 8-bit
     :class:`Int8Linear` head whose input width is a multiple of 32. Returns how many modules changed;
     raises :class:`UserError` where the kernels cannot run (no silent fallback)."""
-    reason = cpu_kernels.a8_unavailable()
+    reason = cpu_kernels.unavailable()
     if reason is not None:
-        raise UserError(f"int8 activations need the VNNI kernels: {reason}")
+        raise UserError(f"int8 activations need the CPU kernels: {reason}")
     changed = [m for m in model.modules() if (isinstance(m, PackedLinear) and m.cpu_kernel) or (
         type(m) is Int8Linear and m.in_features % cpu_kernels.A8_BLOCK == 0)]
     for m in changed:

@@ -1,5 +1,5 @@
 """CPU kernels on the packed layout (``cpu_packed.cpp``: AVX2 + FMA, AVX-512 where the CPU has it), their
-int8-activation twins (``cpu_a8.cpp``: AVX-512 VNNI) and one-token decode helpers (``cpu_decode.cpp``),
+int8-activation twins (``cpu_a8.cpp``: AVX-512 VNNI, or AVX2) and one-token decode helpers (``cpu_decode.cpp``),
 built on first use.
 
 The C++ source is compiled with torch's extension builder (ninja, the host's C++ compiler) into
@@ -14,8 +14,8 @@ fall back silently.
 - :func:`int8_matmul`: ``x @ (q·s)ᵀ`` for an int8 weight with one scale per row (the 8-bit head);
 - :func:`matmul_a8`, :func:`int8_matmul_a8`: the same two products with ``x`` rounded to int8 per
   block of 32 (:func:`round_activations`, as llama.cpp's Q8 activations) and the products summed in
-  int32 by AVX-512 VNNI; opt-in (:func:`omniquant.packed.use_int8_activations`), since they change
-  the numbers, not only the speed (:func:`a8_unavailable` says why they cannot run);
+  int32, by AVX-512 VNNI where the CPU has it (and VBMI), else by AVX2 (:func:`a8_isas`); opt-in
+  (:func:`omniquant.packed.use_int8_activations`), since they change the numbers, not only the speed;
 - :func:`rms_norm`, :func:`attend`, :func:`glu`: the norms, the attention of one new position over a
   KV cache, and the gated activation of :class:`omniquant.decode.Decoder`'s one-token steps.
 """
@@ -35,6 +35,7 @@ FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp"]
 BLOCK = 32  # codes per decoded block: in_features and the group size must be multiples of it
 MAX_BITS = 7
 A8_BLOCK = 32  # inputs per int8 activation scale (matmul_a8, int8_matmul_a8)
+A8_ISAS = ("avx512_vnni", "avx2")  # the int8-activation paths, fastest first
 
 
 @functools.cache
@@ -80,7 +81,7 @@ def zero_scales(weight: PackedWeight) -> torch.Tensor:
 def matmul(x: torch.Tensor, weight: PackedWeight, zs: torch.Tensor) -> torch.Tensor:
     """``x @ Wᵀ`` (float32) with ``zs = zero_scales(weight)``; ``x [..., in]`` → ``[..., out]``."""
     group = weight.spec.group_size or weight.in_features
-    return _module().matmul(x, weight.qweight, weight.scales, zs, weight.spec.bits, group, False, False)
+    return _module().matmul(x, weight.qweight, weight.scales, zs, weight.spec.bits, group, False, False, False)
 
 
 def dequantize(weight: PackedWeight) -> torch.Tensor:
@@ -92,13 +93,26 @@ def dequantize(weight: PackedWeight) -> torch.Tensor:
 
 def int8_matmul(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """``x @ (q·scales[:, None])ᵀ`` for int8 ``q [out, in]`` and float32 ``scales [out]``."""
-    return _module().int8_matmul(x, q, scales, False)
+    return _module().int8_matmul(x, q, scales, False, False)
 
 
-def a8_unavailable() -> str | None:
-    """Why the int8-activation kernels cannot run here (they need AVX-512 VNNI and VBMI), or ``None``."""
-    return unavailable() or (None if _module().has_vnni() else
-                             "this CPU has no AVX-512 VNNI and VBMI (avx512_vnni, avx512vbmi)")
+@functools.cache
+def a8_isas() -> tuple[str, ...]:
+    """The int8-activation paths this CPU runs, fastest first (of :data:`A8_ISAS`): ``avx512_vnni``
+    (AVX-512 F, BW, VL, VNNI and VBMI) and ``avx2``; none where the kernels do not build (:func:`unavailable`)."""
+    if unavailable() is not None:
+        return ()
+    return A8_ISAS if _module().has_vnni() else A8_ISAS[1:]
+
+
+def a8_isa(isa: str | None = None) -> str:
+    """``isa``, or where ``None`` the fastest path this CPU runs; raises ``RuntimeError`` if it does not run here."""
+    here = a8_isas()
+    if not here:
+        raise RuntimeError(unavailable())
+    if isa is not None and isa not in here:
+        raise RuntimeError(f"the int8-activation path {isa!r} does not run on this CPU (it runs: {', '.join(here)})")
+    return isa or here[0]
 
 
 def round_activations(x: torch.Tensor) -> torch.Tensor:
@@ -110,11 +124,11 @@ def round_activations(x: torch.Tensor) -> torch.Tensor:
     return (torch.round(blocks * inv) * a).reshape(x.shape)
 
 
-def a8_layout(weight: PackedWeight) -> torch.Tensor:
-    """``weight.qweight`` as :func:`matmul_a8` reads it fastest: for 3 bits, each row's codes as one contiguous
-    stream, code ``k`` at bits ``3k..3k+2`` (8 codes in 3 bytes; the same size), which the kernel cuts into
-    bytes 64 codes at a time (AVX-512 VBMI). Other widths: ``qweight`` itself."""
-    if weight.spec.bits != 3:
+def a8_layout(weight: PackedWeight, isa: str | None = None) -> torch.Tensor:
+    """``weight.qweight`` as :func:`matmul_a8` on path ``isa`` (default :func:`a8_isa`) reads it fastest: for 3 bits
+    on ``avx512_vnni``, each row's codes as one contiguous stream, code ``k`` at bits ``3k..3k+2`` (8 codes in
+    3 bytes; the same size), which the kernel cuts into bytes 64 codes at a time (VBMI). Else ``qweight`` itself."""
+    if weight.spec.bits != 3 or a8_isa(isa) != "avx512_vnni":
         return weight.qweight
     codes = weight.codes().to(torch.int64).reshape(weight.out_features, -1, 8)  # in_features: a multiple of 32
     triples = (codes << (3 * torch.arange(8))).sum(-1)  # 24 bits per 8 codes
@@ -122,19 +136,21 @@ def a8_layout(weight: PackedWeight) -> torch.Tensor:
     return stream.reshape(weight.out_features, -1).view(torch.int32).contiguous()
 
 
-def matmul_a8(x: torch.Tensor, weight: PackedWeight, zs: torch.Tensor,
-              qweight_a8: torch.Tensor | None = None) -> torch.Tensor:
-    """:func:`matmul` on ``round_activations(x)``, integer products summed by VNNI (``in_features`` and the
-    group multiples of 32); ``qweight_a8``: ``a8_layout(weight)``, computed once by the caller (faster for 3 bits)."""
+def matmul_a8(x: torch.Tensor, weight: PackedWeight, zs: torch.Tensor, qweight_a8: torch.Tensor | None = None,
+              isa: str | None = None) -> torch.Tensor:
+    """:func:`matmul` on ``round_activations(x)``, integer products summed on path ``isa`` (default
+    :func:`a8_isa`; ``in_features`` and the group multiples of 32); ``qweight_a8``: ``a8_layout(weight, isa)``,
+    computed once by the caller (faster for 3 bits)."""
     group = weight.spec.group_size or weight.in_features
-    qweight = weight.qweight if qweight_a8 is None else qweight_a8
-    return _module().matmul(x, qweight, weight.scales, zs, weight.spec.bits, group, True,
-                            qweight_a8 is not None and weight.spec.bits == 3)
+    stream = qweight_a8 is not None and qweight_a8 is not weight.qweight  # the contiguous 3-bit layout
+    return _module().matmul(x, qweight_a8 if stream else weight.qweight, weight.scales, zs, weight.spec.bits, group,
+                            True, stream, a8_isa(isa) == "avx512_vnni")
 
 
-def int8_matmul_a8(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """:func:`int8_matmul` on ``round_activations(x)`` (``in`` a multiple of 32)."""
-    return _module().int8_matmul(x, q, scales, True)
+def int8_matmul_a8(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, isa: str | None = None) -> torch.Tensor:
+    """:func:`int8_matmul` on ``round_activations(x)`` on path ``isa`` (default :func:`a8_isa`; ``in`` a multiple
+    of 32)."""
+    return _module().int8_matmul(x, q, scales, True, a8_isa(isa) == "avx512_vnni")
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

@@ -1,4 +1,5 @@
-// Int8-activation matmuls for decoding (AVX-512 VNNI), on the packed layout and on the 8-bit head.
+// Int8-activation matmuls for decoding, on the packed layout and on the 8-bit head: AVX-512 VNNI (and VBMI)
+// where the CPU has them, else AVX2 (vpmaddubsw + vpmaddwd, the same integer sums).
 //
 // x is rounded to int8 in blocks of 32 along the input (symmetric: a = max|x|/127 per block, as
 // llama.cpp's Q8 activations), and the integer products are summed by vpdpbusd (64 u8·s8 products
@@ -19,6 +20,11 @@
 //   one vpdpbusd per 64 codes, with fewer instructions per code than the two planes.
 // int8_matmul_a8 (int8_matmul's act8 path): y[r, n] = s[n]·Σ_b a[r, b]·Σ_{k∈b} q[n, k]·xi[r, k] for int8 q (the 8-bit head):
 //   vpdpbusd multiplies u8 by s8, so it takes |xi| and q with xi's sign moved onto it.
+//
+// The AVX2 path reads the same chunks and the same x layout, each 64-byte chunk as two 32-byte halves
+// (int32 lane l of half h is lane 8h + l above): vpmaddubsw sums byte pairs into int16 (no overflow:
+// |code| ≤ 15 or |q| ≤ 127 times |xi| ≤ 127, summed over at most 4 sub-planes), vpmaddwd by ones sums
+// those pairs into the int32 lanes. 3-bit weights take the two planes (2 + 1): no VBMI.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
@@ -190,38 +196,21 @@ OMNIQUANT_VNNI inline __m512 plane_row(const uint8_t* bytes, int64_t plane_bytes
   return acc;
 }
 
-OMNIQUANT_VNNI void matmul_a8_rows(const std::vector<PlaneX>& px, bool fused3, const int32_t* qweight,
-                                   int64_t words_per_row, int64_t in, int64_t group, const float* s, const float* zs,
-                                   const std::vector<float>& xhat_sum, int64_t rows, int64_t n_groups, float* y,
-                                   int64_t out, int64_t begin, int64_t end) {
-  const int64_t nblocks = in / 32;
-  for (int64_t n = begin; n < end; ++n) {
-    if (n + AHEAD < end) {
-      prefetch_row(qweight + (n + AHEAD) * words_per_row, words_per_row * 4);
-      prefetch_row(s + (n + AHEAD) * n_groups, n_groups * 4);
-    }
-    const uint8_t* row = reinterpret_cast<const uint8_t*>(qweight + n * words_per_row);
-    const float* s_n = s + n * n_groups;
-    for (int64_t r = 0; r < rows; ++r) {
-      __m512 acc = _mm512_setzero_ps();
-      if (fused3) {  // one pass over the contiguous 3-bit stream
-        acc = plane_row<3>(row, in * 3 / 8, px[0], r, group, s_n, n_groups, acc);
-      } else {
-        for (const PlaneX& p : px) {
-          const uint8_t* bytes = row + 4 * nblocks * p.plane.offset;
-          const int64_t plane_bytes = in * p.plane.width / 8;
-          switch (p.plane.width) {
-            case 4: acc = plane_row<4>(bytes, plane_bytes, p, r, group, s_n, n_groups, acc); break;
-            case 2: acc = plane_row<2>(bytes, plane_bytes, p, r, group, s_n, n_groups, acc); break;
-            default: acc = plane_row<1>(bytes, plane_bytes, p, r, group, s_n, n_groups, acc); break;
-          }
-        }
-      }
-      float corr = 0.f;
-      for (int64_t g = 0; g < n_groups; ++g) corr += zs[n * n_groups + g] * xhat_sum[r * n_groups + g];
-      y[r * out + n] = _mm512_reduce_add_ps(acc) - corr;
+// The planes of output row n against row r of x (the zero-point term left to the caller).
+OMNIQUANT_VNNI float planes_dot512(const std::vector<PlaneX>& px, bool fused3, const uint8_t* row, int64_t nblocks,
+                                   int64_t in, int64_t r, int64_t group, const float* s_n, int64_t n_groups) {
+  __m512 acc = _mm512_setzero_ps();
+  if (fused3) return _mm512_reduce_add_ps(plane_row<3>(row, in * 3 / 8, px[0], r, group, s_n, n_groups, acc));
+  for (const PlaneX& p : px) {
+    const uint8_t* bytes = row + 4 * nblocks * p.plane.offset;
+    const int64_t plane_bytes = in * p.plane.width / 8;
+    switch (p.plane.width) {
+      case 4: acc = plane_row<4>(bytes, plane_bytes, p, r, group, s_n, n_groups, acc); break;
+      case 2: acc = plane_row<2>(bytes, plane_bytes, p, r, group, s_n, n_groups, acc); break;
+      default: acc = plane_row<1>(bytes, plane_bytes, p, r, group, s_n, n_groups, acc); break;
     }
   }
+  return _mm512_reduce_add_ps(acc);
 }
 
 // |xi| (u8), the sign masks and the lanes' activation scales of 64-code chunks (the head's input).
@@ -247,22 +236,174 @@ HeadX head_x(const Rounded& xr, int64_t rows, int64_t in) {
   return h;
 }
 
-OMNIQUANT_VNNI void int8_a8_rows(const HeadX& h, const int8_t* q, const float* s, int64_t rows, int64_t in,
-                                 float* y, int64_t out, int64_t begin, int64_t end) {
+// Σ_b a[r, b]·Σ_{k∈b} q[n, k]·xi[r, k] for output row qn and row r of x.
+OMNIQUANT_VNNI float head_dot512(const HeadX& h, const int8_t* qn, int64_t r, int64_t in) {
+  __m512 acc = _mm512_setzero_ps();
+  for (int64_t c = 0; c < h.chunks; ++c) {
+    const __m512i qv = _mm512_maskz_loadu_epi8(byte_mask(in - c * 64), qn + c * 64);
+    const __m512i signed_q = _mm512_mask_sub_epi8(qv, h.neg[r * h.chunks + c], _mm512_setzero_si512(), qv);
+    const __m512i isum = _mm512_dpbusd_epi32(_mm512_setzero_si512(),
+                                             _mm512_loadu_si512(h.ax.data() + (r * h.chunks + c) * 64), signed_q);
+    acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), _mm512_loadu_ps(h.lane_a.data() + (r * h.chunks + c) * 16), acc);
+  }
+  return _mm512_reduce_add_ps(acc);
+}
+
+// ------------------------------------------------------------------------------------------ AVX2
+
+// 32 bits as 32 bytes of 0 or 1 (byte i: bit i), a 1-bit plane's codes
+inline __m256i bit_bytes(uint32_t bits) {
+  const __m256i which = _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1,
+                                         2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3);
+  const __m256i bit = _mm256_set1_epi64x(static_cast<int64_t>(0x8040201008040201ULL));
+  const __m256i spread = _mm256_and_si256(_mm256_shuffle_epi8(_mm256_set1_epi32(static_cast<int>(bits)), which), bit);
+  return _mm256_and_si256(_mm256_cmpeq_epi8(spread, bit), _mm256_set1_epi8(1));
+}
+
+// Up to 32 bytes from src, `left` of them readable (a multiple of 4): a plain load, or at a row's end a masked
+// one (no read past it, and no library call in the loop, which would spill the accumulators).
+inline __m256i load_bytes(const uint8_t* src, int64_t left) {
+  if (left >= 32) return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src));
+  const __m256i live = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(std::max<int64_t>(left, 0) / 4)),
+                                          _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+  return _mm256_maskload_epi32(reinterpret_cast<const int*>(src), live);
+}
+
+// Σ q·xi per int32 lane of the two halves of chunk c of a width-W plane (W = 1, 2 or 4; a plane's bytes
+// a row, in·W/8, are a multiple of 4).
+template <int W>
+inline void chunk_dot2(const uint8_t* bytes, int64_t plane_bytes, const int8_t* xw, int64_t c, __m256i (&isum)[2]) {
+  const __m256i ones = _mm256_set1_epi16(1);
+  if constexpr (W == 1) {
+    uint32_t bits[2] = {0, 0};
+    std::memcpy(bits, bytes + c * 8, 4);
+    if (plane_bytes - c * 8 >= 8) std::memcpy(bits + 1, bytes + c * 8 + 4, 4);
+    for (int h = 0; h < 2; ++h)
+      isum[h] = _mm256_madd_epi16(_mm256_maddubs_epi16(bit_bytes(bits[h]), _mm256_loadu_si256(
+                                      reinterpret_cast<const __m256i*>(xw + 32 * h))), ones);
+  } else {
+    const __m256i low = _mm256_set1_epi8(static_cast<char>((1 << W) - 1));
+    for (int h = 0; h < 2; ++h) {
+      const __m256i v = load_bytes(bytes + c * 64 + 32 * h, plane_bytes - c * 64 - 32 * h);
+      __m256i pairs = _mm256_setzero_si256();
+      for (int j = 0; j < 8 / W; ++j)
+        pairs = _mm256_add_epi16(pairs, _mm256_maddubs_epi16(
+            _mm256_and_si256(j == 0 ? v : _mm256_srli_epi16(v, j * W), low),
+            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xw + j * 64 + 32 * h))));
+      isum[h] = _mm256_madd_epi16(pairs, ones);
+    }
+  }
+}
+
+// The weight scales s[n, g(lane)] of half h of chunk c: the chunk spans at most 8 groups (its codes ≤ 256,
+// groups ≥ 32 long), so a masked load of 8 and a permute.
+inline __m256 lane_scales2(const PlaneX& p, int64_t c, int h, const float* s_n, int64_t n_groups) {
+  const int32_t g0 = p.g0[c];
+  const __m256i live = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(std::min<int64_t>(n_groups - g0, 8))),
+                                          _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+  return _mm256_permutevar8x32_ps(_mm256_maskload_ps(s_n + g0, live), _mm256_loadu_si256(
+      reinterpret_cast<const __m256i*>(p.gidx.data() + c * 16 + 8 * h)));
+}
+
+// plane_row on AVX2.
+template <int W>
+inline __m256 plane_row2(const uint8_t* bytes, int64_t plane_bytes, const PlaneX& p, int64_t r, int64_t group,
+                         const float* s_n, int64_t n_groups, __m256 acc) {
+  constexpr int SUBS = W == 1 ? 1 : 8 / W;
+  const int8_t* xw = p.xw.data() + r * p.chunks * SUBS * 64;
+  const float* lane_a = p.lane_a.data() + r * p.chunks * 16;
+  __m256i isum[2];
+  if (group % p.codes == 0) {
+    const int64_t per_group = group / p.codes;
+    for (int64_t g = 0, c = 0; g < n_groups; ++g) {
+      __m256 part[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};  // a chain per half
+      for (const int64_t last = std::min(c + per_group, p.chunks); c < last; ++c) {
+        chunk_dot2<W>(bytes, plane_bytes, xw + c * SUBS * 64, c, isum);
+        for (int h = 0; h < 2; ++h)
+          part[h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[h]), _mm256_loadu_ps(lane_a + c * 16 + 8 * h), part[h]);
+      }
+      acc = _mm256_fmadd_ps(_mm256_add_ps(part[0], part[1]), _mm256_set1_ps(s_n[g]), acc);
+    }
+    return acc;
+  }
+  for (int64_t c = 0; c < p.chunks; ++c) {
+    chunk_dot2<W>(bytes, plane_bytes, xw + c * SUBS * 64, c, isum);
+    for (int h = 0; h < 2; ++h)
+      acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[h]), _mm256_mul_ps(lane_scales2(p, c, h, s_n, n_groups),
+                                                                       _mm256_loadu_ps(lane_a + c * 16 + 8 * h)), acc);
+  }
+  return acc;
+}
+
+inline float hsum2(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+
+// The planes of output row n against row r of x, on AVX2 (the zero-point term left to the caller).
+float planes_dot2(const std::vector<PlaneX>& px, const uint8_t* row, int64_t nblocks, int64_t in, int64_t r,
+                  int64_t group, const float* s_n, int64_t n_groups) {
+  __m256 acc = _mm256_setzero_ps();
+  for (const PlaneX& p : px) {
+    const uint8_t* bytes = row + 4 * nblocks * p.plane.offset;
+    const int64_t plane_bytes = in * p.plane.width / 8;
+    switch (p.plane.width) {
+      case 4: acc = plane_row2<4>(bytes, plane_bytes, p, r, group, s_n, n_groups, acc); break;
+      case 2: acc = plane_row2<2>(bytes, plane_bytes, p, r, group, s_n, n_groups, acc); break;
+      default: acc = plane_row2<1>(bytes, plane_bytes, p, r, group, s_n, n_groups, acc); break;
+    }
+  }
+  return hsum2(acc);
+}
+
+// head_dot512 on AVX2: a block of 32 is one activation scale, |xi|·(q with xi's sign) by vpsignb.
+float head_dot2(const Rounded& xr, const int8_t* qn, int64_t r, int64_t in) {
+  const int8_t* xi = xr.xi.data() + r * in;
+  const int64_t nblocks = in / BLOCK;
+  __m256 acc = _mm256_setzero_ps();
+  for (int64_t b = 0; b < nblocks; ++b) {
+    const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xi + b * BLOCK));
+    const __m256i qv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qn + b * BLOCK));
+    const __m256i isum = _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_abs_epi8(xv), _mm256_sign_epi8(qv, xv)),
+                                           _mm256_set1_epi16(1));
+    acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), _mm256_set1_ps(xr.a[r * nblocks + b]), acc);
+  }
+  return hsum2(acc);
+}
+
+// ------------------------------------------------------------------------------------------ rows
+
+// Output rows begin..end of the packed matmul against every row of x (vnni: the AVX-512 path, else AVX2).
+void matmul_a8_rows(const std::vector<PlaneX>& px, bool fused3, bool vnni, const int32_t* qweight,
+                    int64_t words_per_row, int64_t in, int64_t group, const float* s, const float* zs,
+                    const std::vector<float>& xhat_sum, int64_t rows, int64_t n_groups, float* y, int64_t out,
+                    int64_t begin, int64_t end) {
+  const int64_t nblocks = in / 32;
+  for (int64_t n = begin; n < end; ++n) {
+    if (n + AHEAD < end) {
+      prefetch_row(qweight + (n + AHEAD) * words_per_row, words_per_row * 4);
+      prefetch_row(s + (n + AHEAD) * n_groups, n_groups * 4);
+    }
+    const uint8_t* row = reinterpret_cast<const uint8_t*>(qweight + n * words_per_row);
+    const float* s_n = s + n * n_groups;
+    for (int64_t r = 0; r < rows; ++r) {
+      const float dot = vnni ? planes_dot512(px, fused3, row, nblocks, in, r, group, s_n, n_groups)
+                             : planes_dot2(px, row, nblocks, in, r, group, s_n, n_groups);
+      float corr = 0.f;
+      for (int64_t g = 0; g < n_groups; ++g) corr += zs[n * n_groups + g] * xhat_sum[r * n_groups + g];
+      y[r * out + n] = dot - corr;
+    }
+  }
+}
+
+// Output rows begin..end of the int8 head against every row of x (h: the AVX-512 path's input, or none).
+void int8_a8_rows(const Rounded& xr, const HeadX* h, const int8_t* q, const float* s, int64_t rows, int64_t in,
+                  float* y, int64_t out, int64_t begin, int64_t end) {
   for (int64_t n = begin; n < end; ++n) {
     if (n + AHEAD < end) prefetch_row(q + (n + AHEAD) * in, in);
     const int8_t* qn = q + n * in;
-    for (int64_t r = 0; r < rows; ++r) {
-      __m512 acc = _mm512_setzero_ps();
-      for (int64_t c = 0; c < h.chunks; ++c) {
-        const __m512i qv = _mm512_maskz_loadu_epi8(byte_mask(in - c * 64), qn + c * 64);
-        const __m512i signed_q = _mm512_mask_sub_epi8(qv, h.neg[r * h.chunks + c], _mm512_setzero_si512(), qv);
-        const __m512i isum = _mm512_dpbusd_epi32(_mm512_setzero_si512(),
-                                                 _mm512_loadu_si512(h.ax.data() + (r * h.chunks + c) * 64), signed_q);
-        acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), _mm512_loadu_ps(h.lane_a.data() + (r * h.chunks + c) * 16), acc);
-      }
-      y[r * out + n] = _mm512_reduce_add_ps(acc) * s[n];
-    }
+    for (int64_t r = 0; r < rows; ++r) y[r * out + n] = (h ? head_dot512(*h, qn, r, in) : head_dot2(xr, qn, r, in)) * s[n];
   }
 }
 
@@ -276,8 +417,10 @@ bool has_vnni() {
 }
 
 void matmul_a8(const float* x, int64_t rows, int64_t in, const int32_t* qweight, int64_t words, const float* s,
-               const float* zs, int64_t n_groups, int64_t bits, int64_t group, bool a8_layout, float* y, int64_t out) {
-  TORCH_CHECK(has_vnni(), "int8 activations need AVX-512 VNNI and VBMI");
+               const float* zs, int64_t n_groups, int64_t bits, int64_t group, bool a8_layout, bool vnni, float* y,
+               int64_t out) {
+  TORCH_CHECK(!vnni || has_vnni(), "this CPU has no AVX-512 VNNI and VBMI");
+  TORCH_CHECK(!(a8_layout && bits == 3) || vnni, "the contiguous 3-bit a8 layout needs the AVX-512 VBMI path");
   const Rounded xr = round_rows(x, rows, in);
   std::vector<float> xhat_sum(rows * n_groups, 0.f);
   for (int64_t r = 0; r < rows; ++r)
@@ -294,16 +437,17 @@ void matmul_a8(const float* x, int64_t rows, int64_t in, const int32_t* qweight,
   else
     for (const Plane& pl : planes_of(static_cast<int>(bits))) px.push_back(plane_x(xr, rows, in, group, pl));
   at::parallel_for(0, out, GRAIN, [&](int64_t begin, int64_t end) {
-    matmul_a8_rows(px, fused3, qweight, words, in, group, s, zs, xhat_sum, rows, n_groups, y, out, begin, end);
+    matmul_a8_rows(px, fused3, vnni, qweight, words, in, group, s, zs, xhat_sum, rows, n_groups, y, out, begin, end);
   });
 }
 
-void int8_matmul_a8(const float* x, int64_t rows, int64_t in, const int8_t* q, const float* s, float* y,
+void int8_matmul_a8(const float* x, int64_t rows, int64_t in, const int8_t* q, const float* s, bool vnni, float* y,
                     int64_t out) {
-  TORCH_CHECK(has_vnni(), "int8 activations need AVX-512 VNNI and VBMI");
+  TORCH_CHECK(!vnni || has_vnni(), "this CPU has no AVX-512 VNNI and VBMI");
   TORCH_CHECK(in % 32 == 0, "int8 activations need in a multiple of 32");
-  const HeadX h = head_x(round_rows(x, rows, in), rows, in);
+  const Rounded xr = round_rows(x, rows, in);
+  const HeadX h = vnni ? head_x(xr, rows, in) : HeadX{};
   at::parallel_for(0, out, GRAIN * 16, [&](int64_t begin, int64_t end) {
-    int8_a8_rows(h, q, s, rows, in, y, out, begin, end);
+    int8_a8_rows(xr, vnni ? &h : nullptr, q, s, rows, in, y, out, begin, end);
   });
 }

@@ -336,15 +336,16 @@ std::vector<int64_t> out_shape(const torch::Tensor& x, int64_t out) {
 
 }  // namespace
 
-// cpu_a8.cpp: the int8-activation paths (act8)
+// cpu_a8.cpp: the int8-activation paths (act8; vnni: AVX-512 VNNI and VBMI, else AVX2)
 bool has_vnni();
 void matmul_a8(const float* x, int64_t rows, int64_t in, const int32_t* qweight, int64_t words, const float* s,
-               const float* zs, int64_t n_groups, int64_t bits, int64_t group, bool a8_layout, float* y, int64_t out);
-void int8_matmul_a8(const float* x, int64_t rows, int64_t in, const int8_t* q, const float* s, float* y,
+               const float* zs, int64_t n_groups, int64_t bits, int64_t group, bool a8_layout, bool vnni, float* y,
+               int64_t out);
+void int8_matmul_a8(const float* x, int64_t rows, int64_t in, const int8_t* q, const float* s, bool vnni, float* y,
                     int64_t out);
 
 torch::Tensor matmul(torch::Tensor x, torch::Tensor qweight, torch::Tensor scales, torch::Tensor zero_scales,
-                     int64_t bits, int64_t group, bool act8, bool a8_layout) {
+                     int64_t bits, int64_t group, bool act8, bool a8_layout, bool vnni) {
   const int64_t in = x.size(-1), out = qweight.size(0);
   check_packed(qweight, scales, in, group);
   TORCH_CHECK(qweight.size(1) == in / WORD * bits, "qweight does not hold ", bits, "-bit rows of ", in, " codes");
@@ -357,7 +358,7 @@ torch::Tensor matmul(torch::Tensor x, torch::Tensor qweight, torch::Tensor scale
   if (act8) {
     TORCH_CHECK(bits >= 1 && bits <= 7, "the kernel handles 1- to 7-bit codes, got ", bits);
     matmul_a8(xp, rows, in, qweight.data_ptr<int32_t>(), words, scales.data_ptr<float>(), zs.data_ptr<float>(),
-              groups, bits, group, a8_layout, y.data_ptr<float>(), out);
+              groups, bits, group, a8_layout, vnni, y.data_ptr<float>(), out);
     return y.reshape(out_shape(x, out));
   }
   switch (bits) {
@@ -404,7 +405,7 @@ torch::Tensor dequantize(torch::Tensor qweight, torch::Tensor scales, torch::Ten
   return w;
 }
 
-torch::Tensor int8_matmul(torch::Tensor x, torch::Tensor q, torch::Tensor scales, bool act8) {
+torch::Tensor int8_matmul(torch::Tensor x, torch::Tensor q, torch::Tensor scales, bool act8, bool vnni) {
   const int64_t in = x.size(-1), out = q.size(0);
   TORCH_CHECK(q.dtype() == torch::kInt8 && q.is_contiguous() && q.size(1) == in && in % 8 == 0,
               "q must be a contiguous int8 [out, in] tensor, in a multiple of 8");
@@ -417,7 +418,7 @@ torch::Tensor int8_matmul(torch::Tensor x, torch::Tensor q, torch::Tensor scales
   const int8_t* qp = q.data_ptr<int8_t>();
   float* yp = y.data_ptr<float>();
   if (act8) {
-    int8_matmul_a8(xp, rows, in, qp, sp, yp, out);
+    int8_matmul_a8(xp, rows, in, qp, sp, vnni, yp, out);
     return y.reshape(out_shape(x, out));
   }
   at::parallel_for(0, out, GRAIN * 16, [&](int64_t begin, int64_t end) {
@@ -454,9 +455,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("attend", &attend, "one new position's rotary attention over the KV cache");
   m.def("glu", &glu, "act(gate)·up of a stacked [gate | up] row");
   m.def("matmul", &matmul, "y = x·Wᵀ on packed codes (a few rows of x; act8: x rounded to int8 per block of 32, "
-        "AVX-512 VNNI and VBMI; a8_layout: qweight in omniquant.kernels.cpu.a8_layout)");
+        "vnni: by AVX-512 VNNI and VBMI, else AVX2; a8_layout: qweight in omniquant.kernels.cpu.a8_layout)");
   m.def("dequantize", &dequantize, "the float32 weight (q - z)·s of packed codes");
   m.def("int8_matmul", &int8_matmul, "y = x·(q·s)ᵀ for an int8 weight with per-row scales (act8: x rounded to "
-        "int8 per block of 32, AVX-512 VNNI and VBMI)");
-  m.def("has_vnni", &has_vnni, "whether the CPU has AVX-512 VNNI and VBMI (the int8-activation kernels)");
+        "int8 per block of 32, vnni: by AVX-512 VNNI, else AVX2)");
+  m.def("has_vnni", &has_vnni, "whether the CPU has AVX-512 VNNI and VBMI (the int8-activation kernels' fast path)");
 }

@@ -1,4 +1,5 @@
-"""The int8-activation kernels (AVX-512 VNNI) against the rounded input times the dequantized weight."""
+"""The int8-activation kernels, on every path this CPU runs (AVX-512 VNNI, AVX2), against the rounded input
+times the dequantized weight."""
 from __future__ import annotations
 
 import pytest
@@ -10,8 +11,8 @@ from omniquant.quantizer import QuantSpec
 
 from test_cpu_kernels import LAYOUTS, packed, rows_of
 
-pytestmark = pytest.mark.skipif(cpu.unavailable() is not None or cpu.a8_unavailable() is not None,
-                                reason=f"int8-activation kernels: {cpu.unavailable() or cpu.a8_unavailable()}")
+pytestmark = pytest.mark.skipif(cpu.unavailable() is not None, reason=f"CPU kernels: {cpu.unavailable()}")
+ISAS = cpu.a8_isas() if cpu.unavailable() is None else ()
 
 
 def test_round_activations_is_int8_per_block_of_32():
@@ -26,9 +27,10 @@ def test_round_activations_is_int8_per_block_of_32():
     assert torch.equal(r[0, :32], torch.zeros(32))
 
 
+@pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("spec", [s for s in LAYOUTS if s.bits <= 7], ids=lambda s: s.tag)
 @pytest.mark.parametrize("cols", [576, 1536])
-def test_matmul_a8_is_the_rounded_input_times_the_weight(spec, cols):
+def test_matmul_a8_is_the_rounded_input_times_the_weight(spec, cols, isa):
     weight = packed(spec, out=70, cols=cols)
     zs = cpu.zero_scales(weight)
     reference = weight.dequantize().double()
@@ -36,26 +38,30 @@ def test_matmul_a8_is_the_rounded_input_times_the_weight(spec, cols):
         x = rows_of(n, cols)
         expected = cpu.round_activations(x).double() @ reference.T
         scale = (x.double().abs() @ reference.abs().T).max()
-        for layout in (None, cpu.a8_layout(weight)):  # the stored layout, and the one for the fast 3-bit pass
-            got = cpu.matmul_a8(x, weight, zs, layout)
+        for layout in (None, cpu.a8_layout(weight, isa)):  # the stored layout, and the one for the fast 3-bit pass
+            got = cpu.matmul_a8(x, weight, zs, layout, isa)
             assert got.shape == (n, 70) and got.dtype == torch.float32
             assert (got.double() - expected).abs().max() <= 1e-5 * scale
 
 
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("bits", [2, 3, 4])
 @pytest.mark.parametrize("group, cols", [(32, 576), (64, 576), (256, 1536), (512, 640), (192, 768)])
-def test_3_bit_a8_layout_gives_the_product_at_any_group_size(group, cols):
-    weight = packed(QuantSpec(3, group), out=36, cols=cols)
+def test_a8_gives_the_product_at_any_group_size(group, cols, bits, isa):
+    weight = packed(QuantSpec(bits, group), out=36, cols=cols)
     x = rows_of(2, cols)
     expected = cpu.round_activations(x).double() @ weight.dequantize().double().T
     scale = (x.double().abs() @ weight.dequantize().double().abs().T).max()
-    got = cpu.matmul_a8(x, weight, cpu.zero_scales(weight), cpu.a8_layout(weight))
+    got = cpu.matmul_a8(x, weight, cpu.zero_scales(weight), cpu.a8_layout(weight, isa), isa)
     assert (got.double() - expected).abs().max() <= 1e-5 * scale
 
 
+@pytest.mark.skipif("avx512_vnni" not in ISAS, reason="the contiguous 3-bit layout is for AVX-512 VBMI")
 @pytest.mark.parametrize("cols", [576, 1536, 256, 32])
 def test_a8_layout_is_a_contiguous_3_bit_stream_of_3_bit_weights_only(cols):
     weight = packed(QuantSpec(3, 32), out=5, cols=cols)
-    stream = cpu.a8_layout(weight)
+    assert cpu.a8_layout(weight, "avx2") is weight.qweight  # AVX2 reads the planes
+    stream = cpu.a8_layout(weight, "avx512_vnni")
     assert stream.shape == weight.qweight.shape and stream.dtype == torch.int32  # the same size
     bits = ((stream.view(torch.uint8).long().unsqueeze(-1) >> torch.arange(8)) & 1).reshape(5, -1)
     codes = (bits.reshape(5, cols, 3) << torch.arange(3)).sum(-1)  # code k at bits 3k..3k+2
@@ -64,17 +70,27 @@ def test_a8_layout_is_a_contiguous_3_bit_stream_of_3_bit_weights_only(cols):
     assert cpu.a8_layout(four) is four.qweight
 
 
-def test_int8_matmul_a8_is_the_rounded_input_times_the_scaled_rows():
+def test_a8_paths_are_the_ones_this_cpu_runs_and_refuse_the_others():
+    assert ISAS[-1] == "avx2" and cpu.a8_isa() == ISAS[0]  # AVX2 is the kernels' floor; the fastest by default
+    weight = packed(QuantSpec(4, 32), out=4, cols=64)
+    assert cpu.a8_layout(weight, "avx2") is weight.qweight
+    for other in sorted(set(cpu.A8_ISAS) - set(ISAS)) + ["neon"]:
+        with pytest.raises(RuntimeError, match=f"path '{other}' does not run on this CPU"):
+            cpu.matmul_a8(rows_of(1, 64), weight, cpu.zero_scales(weight), isa=other)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_int8_matmul_a8_is_the_rounded_input_times_the_scaled_rows(isa):
     gen = torch.Generator().manual_seed(0)
     q, scales = int8_rows(torch.randn(300, 608, generator=gen))  # 608 = 9.5 chunks of 64: a short last chunk
     for n in (1, 2):
         x = rows_of(n, 608)
         expected = cpu.round_activations(x).double() @ (q.double() * scales.double()[:, None]).T
-        got = cpu.int8_matmul_a8(x, q, scales)
+        got = cpu.int8_matmul_a8(x, q, scales, isa)
         assert (got.double() - expected).abs().max() <= 1e-5 * (x.double().abs() @ (q.double().abs() * scales[:, None]).T).max()
 
 
-def test_use_int8_activations_routes_decoding_rows_through_the_vnni_kernels(tmp_path):
+def test_use_int8_activations_routes_decoding_rows_through_the_int8_kernels(tmp_path):
     from omniquant.bench import random_packed_model
     from omniquant.decode import Decoder
     from omniquant.models.tiny import tiny_llama
@@ -107,6 +123,6 @@ def test_use_int8_activations_refuses_without_the_kernels(monkeypatch):
     from omniquant.models.tiny import tiny_llama
     from omniquant.packed import use_int8_activations
 
-    monkeypatch.setattr(cpu, "a8_unavailable", lambda: "this CPU has no AVX-512 VNNI and VBMI (avx512_vnni, avx512vbmi)")
-    with pytest.raises(UserError, match=r"^int8 activations need the VNNI kernels: this CPU has no AVX-512 VNNI"):
+    monkeypatch.setattr(cpu, "unavailable", lambda: "this CPU has no AVX2/FMA (the CPU kernels are written for them)")
+    with pytest.raises(UserError, match=r"^int8 activations need the CPU kernels: this CPU has no AVX2/FMA"):
         use_int8_activations(tiny_llama()[0])
