@@ -125,15 +125,30 @@ def round_activations(x: torch.Tensor) -> torch.Tensor:
 
 
 def a8_layout(weight: PackedWeight, isa: str | None = None) -> torch.Tensor:
-    """``weight.qweight`` as :func:`matmul_a8` on path ``isa`` (default :func:`a8_isa`) reads it fastest: for 3 bits
-    on ``avx512_vnni``, each row's codes as one contiguous stream, code ``k`` at bits ``3k..3k+2`` (8 codes in
-    3 bytes; the same size), which the kernel cuts into bytes 64 codes at a time (VBMI). Else ``qweight`` itself."""
-    if weight.spec.bits != 3 or a8_isa(isa) != "avx512_vnni":
+    """``weight.qweight`` as :func:`matmul_a8` on path ``isa`` (default :func:`a8_isa`) reads it fastest, the same
+    size; pass it with the same ``isa``. For 3 bits:
+
+    - ``avx512_vnni``: each row's codes as one contiguous stream, code ``k`` at bits ``3k..3k+2`` (8 codes in 3
+      bytes), which the kernel cuts into bytes 64 codes at a time (VBMI);
+    - ``avx2``: the stored planes, each whole chunk of 256 codes with its high bits reordered: the high bit of
+      code ``4m + j`` (``m = 32h + i``) at bit ``2j + h`` of the chunk's byte ``i``, so that the kernel merges a
+      32-code slice's high bits into its low bits with one shift and a mask (a short last chunk keeps the order).
+
+    Other widths: ``qweight`` itself."""
+    if weight.spec.bits != 3:
         return weight.qweight
-    codes = weight.codes().to(torch.int64).reshape(weight.out_features, -1, 8)  # in_features: a multiple of 32
-    triples = (codes << (3 * torch.arange(8))).sum(-1)  # 24 bits per 8 codes
-    stream = ((triples.unsqueeze(-1) >> (8 * torch.arange(3))) & 0xFF).to(torch.uint8)
-    return stream.reshape(weight.out_features, -1).view(torch.int32).contiguous()
+    codes = weight.codes().to(torch.int64)  # in_features: a multiple of 32
+    rows, cols = codes.shape
+    if a8_isa(isa) == "avx512_vnni":
+        triples = (codes.reshape(rows, -1, 8) << (3 * torch.arange(8))).sum(-1)  # 24 bits per 8 codes
+        stream = ((triples.unsqueeze(-1) >> (8 * torch.arange(3))) & 0xFF).to(torch.uint8)
+        return stream.reshape(rows, -1).view(torch.int32).contiguous()
+    whole = cols // 256 * 256
+    high = (codes[:, :whole] >> 2 & 1).reshape(rows, -1, 2, 32, 4)  # [row, chunk, h, i, j]: code 128h + 4i + j
+    reordered = (high.permute(0, 1, 3, 4, 2).reshape(rows, -1, 32, 8) << torch.arange(8)).sum(-1)  # bit 2j + h
+    data = weight.qweight.contiguous().view(torch.uint8).clone()  # [row, bytes]: the 2-bit plane, then the 1-bit one
+    data[:, cols // 4:cols // 4 + whole // 8] = reordered.reshape(rows, -1).to(torch.uint8)
+    return data.view(torch.int32)
 
 
 def matmul_a8(x: torch.Tensor, weight: PackedWeight, zs: torch.Tensor, qweight_a8: torch.Tensor | None = None,

@@ -270,11 +270,30 @@ inline __m256i load_bytes(const uint8_t* src, int64_t left) {
 }
 
 // Σ q·xi per int32 lane of the two halves of chunk c of a width-W plane (W = 1, 2 or 4; a plane's bytes
-// a row, in·W/8, are a multiple of 4).
+// a row, in·W/8, are a multiple of 4). W = 3: a whole 256-code chunk of 3-bit codes in the AVX2 a8 layout
+// (omniquant.kernels.cpu.a8_layout): the 2-bit plane (bytes, plane_bytes long) as stored, then the 1-bit plane,
+// each whole chunk's 32 bytes reordered so that the high bit of code 4m + j (m = 32h + i) is bit 2j + h of
+// byte i; so a 32-code slice's high bits are one shift and a mask, merged into the codes before vpmaddubsw
+// (x in the 2-bit plane's order; codes ≤ 7: no int16 overflow over the 4 sub-planes).
 template <int W>
 inline void chunk_dot2(const uint8_t* bytes, int64_t plane_bytes, const int8_t* xw, int64_t c, __m256i (&isum)[2]) {
   const __m256i ones = _mm256_set1_epi16(1);
-  if constexpr (W == 1) {
+  if constexpr (W == 3) {
+    const __m256i three = _mm256_set1_epi8(3), four = _mm256_set1_epi8(4);
+    const __m256i hv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(bytes + plane_bytes + c * 32));
+    for (int h = 0; h < 2; ++h) {
+      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(bytes + c * 64 + 32 * h));
+      __m256i pairs = _mm256_setzero_si256();
+      for (int j = 0; j < 4; ++j) {
+        const int b = 2 * j + h;  // the high bits' position, moved to bit 2
+        const __m256i high = _mm256_and_si256(b >= 2 ? _mm256_srli_epi16(hv, b - 2) : _mm256_slli_epi16(hv, 2 - b), four);
+        const __m256i code = _mm256_or_si256(_mm256_and_si256(j == 0 ? v : _mm256_srli_epi16(v, 2 * j), three), high);
+        pairs = _mm256_add_epi16(pairs, _mm256_maddubs_epi16(
+            code, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xw + j * 64 + 32 * h))));
+      }
+      isum[h] = _mm256_madd_epi16(pairs, ones);
+    }
+  } else if constexpr (W == 1) {
     uint32_t bits[2] = {0, 0};
     std::memcpy(bits, bytes + c * 8, 4);
     if (plane_bytes - c * 8 >= 8) std::memcpy(bits + 1, bytes + c * 8 + 4, 4);
@@ -305,15 +324,15 @@ inline __m256 lane_scales2(const PlaneX& p, int64_t c, int h, const float* s_n, 
       reinterpret_cast<const __m256i*>(p.gidx.data() + c * 16 + 8 * h)));
 }
 
-// plane_row on AVX2.
+// plane_row on AVX2, over chunks begin..end of the plane (W = 3: see chunk_dot2).
 template <int W>
 inline __m256 plane_row2(const uint8_t* bytes, int64_t plane_bytes, const PlaneX& p, int64_t r, int64_t group,
-                         const float* s_n, int64_t n_groups, __m256 acc) {
-  constexpr int SUBS = W == 1 ? 1 : 8 / W;
+                         const float* s_n, int64_t n_groups, __m256 acc, int64_t begin, int64_t end) {
+  constexpr int SUBS = W == 1 ? 1 : W == 3 ? 4 : 8 / W;
   const int8_t* xw = p.xw.data() + r * p.chunks * SUBS * 64;
   const float* lane_a = p.lane_a.data() + r * p.chunks * 16;
   __m256i isum[2];
-  if (group % p.codes == 0) {
+  if (group % p.codes == 0 && begin == 0 && end == p.chunks) {
     const int64_t per_group = group / p.codes;
     for (int64_t g = 0, c = 0; g < n_groups; ++g) {
       __m256 part[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};  // a chain per half
@@ -326,7 +345,7 @@ inline __m256 plane_row2(const uint8_t* bytes, int64_t plane_bytes, const PlaneX
     }
     return acc;
   }
-  for (int64_t c = 0; c < p.chunks; ++c) {
+  for (int64_t c = begin; c < end; ++c) {
     chunk_dot2<W>(bytes, plane_bytes, xw + c * SUBS * 64, c, isum);
     for (int h = 0; h < 2; ++h)
       acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[h]), _mm256_mul_ps(lane_scales2(p, c, h, s_n, n_groups),
@@ -341,17 +360,20 @@ inline float hsum2(__m256 v) {
   return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
 }
 
-// The planes of output row n against row r of x, on AVX2 (the zero-point term left to the caller).
-float planes_dot2(const std::vector<PlaneX>& px, const uint8_t* row, int64_t nblocks, int64_t in, int64_t r,
-                  int64_t group, const float* s_n, int64_t n_groups) {
+// The planes of output row n against row r of x, on AVX2 (the zero-point term left to the caller); layout3:
+// 3-bit codes in the AVX2 a8 layout, whole 256-code chunks merged (a short last chunk keeps its two planes).
+float planes_dot2(const std::vector<PlaneX>& px, bool layout3, const uint8_t* row, int64_t nblocks, int64_t in,
+                  int64_t r, int64_t group, const float* s_n, int64_t n_groups) {
   __m256 acc = _mm256_setzero_ps();
+  const int64_t merged = layout3 ? in / 256 : 0;  // px: the 2-bit plane's x (256-code chunks), the 1-bit one's (64)
+  if (layout3) acc = plane_row2<3>(row, in / 4, px[0], r, group, s_n, n_groups, acc, 0, merged);
   for (const PlaneX& p : px) {
     const uint8_t* bytes = row + 4 * nblocks * p.plane.offset;
-    const int64_t plane_bytes = in * p.plane.width / 8;
+    const int64_t plane_bytes = in * p.plane.width / 8, begin = merged * 256 / p.codes;
     switch (p.plane.width) {
-      case 4: acc = plane_row2<4>(bytes, plane_bytes, p, r, group, s_n, n_groups, acc); break;
-      case 2: acc = plane_row2<2>(bytes, plane_bytes, p, r, group, s_n, n_groups, acc); break;
-      default: acc = plane_row2<1>(bytes, plane_bytes, p, r, group, s_n, n_groups, acc); break;
+      case 4: acc = plane_row2<4>(bytes, plane_bytes, p, r, group, s_n, n_groups, acc, begin, p.chunks); break;
+      case 2: acc = plane_row2<2>(bytes, plane_bytes, p, r, group, s_n, n_groups, acc, begin, p.chunks); break;
+      default: acc = plane_row2<1>(bytes, plane_bytes, p, r, group, s_n, n_groups, acc, begin, p.chunks); break;
     }
   }
   return hsum2(acc);
@@ -375,7 +397,7 @@ float head_dot2(const Rounded& xr, const int8_t* qn, int64_t r, int64_t in) {
 // ------------------------------------------------------------------------------------------ rows
 
 // Output rows begin..end of the packed matmul against every row of x (vnni: the AVX-512 path, else AVX2).
-void matmul_a8_rows(const std::vector<PlaneX>& px, bool fused3, bool vnni, const int32_t* qweight,
+void matmul_a8_rows(const std::vector<PlaneX>& px, bool layout3, bool vnni, const int32_t* qweight,
                     int64_t words_per_row, int64_t in, int64_t group, const float* s, const float* zs,
                     const std::vector<float>& xhat_sum, int64_t rows, int64_t n_groups, float* y, int64_t out,
                     int64_t begin, int64_t end) {
@@ -388,8 +410,8 @@ void matmul_a8_rows(const std::vector<PlaneX>& px, bool fused3, bool vnni, const
     const uint8_t* row = reinterpret_cast<const uint8_t*>(qweight + n * words_per_row);
     const float* s_n = s + n * n_groups;
     for (int64_t r = 0; r < rows; ++r) {
-      const float dot = vnni ? planes_dot512(px, fused3, row, nblocks, in, r, group, s_n, n_groups)
-                             : planes_dot2(px, row, nblocks, in, r, group, s_n, n_groups);
+      const float dot = vnni ? planes_dot512(px, layout3, row, nblocks, in, r, group, s_n, n_groups)
+                             : planes_dot2(px, layout3, row, nblocks, in, r, group, s_n, n_groups);
       float corr = 0.f;
       for (int64_t g = 0; g < n_groups; ++g) corr += zs[n * n_groups + g] * xhat_sum[r * n_groups + g];
       y[r * out + n] = dot - corr;
@@ -420,7 +442,6 @@ void matmul_a8(const float* x, int64_t rows, int64_t in, const int32_t* qweight,
                const float* zs, int64_t n_groups, int64_t bits, int64_t group, bool a8_layout, bool vnni, float* y,
                int64_t out) {
   TORCH_CHECK(!vnni || has_vnni(), "this CPU has no AVX-512 VNNI and VBMI");
-  TORCH_CHECK(!(a8_layout && bits == 3) || vnni, "the contiguous 3-bit a8 layout needs the AVX-512 VBMI path");
   const Rounded xr = round_rows(x, rows, in);
   std::vector<float> xhat_sum(rows * n_groups, 0.f);
   for (int64_t r = 0; r < rows; ++r)
@@ -429,15 +450,16 @@ void matmul_a8(const float* x, int64_t rows, int64_t in, const int32_t* qweight,
       for (int i = 0; i < BLOCK; ++i) sum += xr.xi[r * in + b * BLOCK + i];
       xhat_sum[r * n_groups + b * BLOCK / group] += xr.a[r * (in / BLOCK) + b] * static_cast<float>(sum);
     }
-  // 3 bits in the a8 layout: one contiguous stream, x in natural order (as a 1-bit plane's, 64 codes a chunk)
-  const bool fused3 = bits == 3 && a8_layout;
+  // 3 bits in the a8 layout: for AVX-512 one contiguous stream, x in natural order (as a 1-bit plane's, 64 codes
+  // a chunk); for AVX2 the planes' x, whole chunks merged (planes_dot2)
+  const bool layout3 = bits == 3 && a8_layout;
   std::vector<PlaneX> px;
-  if (fused3)
+  if (layout3 && vnni)
     px.push_back(plane_x(xr, rows, in, group, Plane{1, 0}));
   else
     for (const Plane& pl : planes_of(static_cast<int>(bits))) px.push_back(plane_x(xr, rows, in, group, pl));
   at::parallel_for(0, out, GRAIN, [&](int64_t begin, int64_t end) {
-    matmul_a8_rows(px, fused3, vnni, qweight, words, in, group, s, zs, xhat_sum, rows, n_groups, y, out, begin, end);
+    matmul_a8_rows(px, layout3, vnni, qweight, words, in, group, s, zs, xhat_sum, rows, n_groups, y, out, begin, end);
   });
 }
 

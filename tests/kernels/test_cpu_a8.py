@@ -60,7 +60,6 @@ def test_a8_gives_the_product_at_any_group_size(group, cols, bits, isa):
 @pytest.mark.parametrize("cols", [576, 1536, 256, 32])
 def test_a8_layout_is_a_contiguous_3_bit_stream_of_3_bit_weights_only(cols):
     weight = packed(QuantSpec(3, 32), out=5, cols=cols)
-    assert cpu.a8_layout(weight, "avx2") is weight.qweight  # AVX2 reads the planes
     stream = cpu.a8_layout(weight, "avx512_vnni")
     assert stream.shape == weight.qweight.shape and stream.dtype == torch.int32  # the same size
     bits = ((stream.view(torch.uint8).long().unsqueeze(-1) >> torch.arange(8)) & 1).reshape(5, -1)
@@ -68,6 +67,20 @@ def test_a8_layout_is_a_contiguous_3_bit_stream_of_3_bit_weights_only(cols):
     assert torch.equal(codes, weight.codes().long())
     four = packed(QuantSpec(4, 128))
     assert cpu.a8_layout(four) is four.qweight
+
+
+@pytest.mark.parametrize("cols", [576, 1536, 256, 32])
+def test_avx2_a8_layout_reorders_the_high_bits_of_whole_256_code_chunks(cols):
+    weight = packed(QuantSpec(3, 32), out=5, cols=cols)
+    got, stored = cpu.a8_layout(weight, "avx2").view(torch.uint8), weight.qweight.view(torch.uint8)
+    assert got.shape == stored.shape and torch.equal(got[:, :cols // 4], stored[:, :cols // 4])  # the 2-bit plane
+    high, codes = got[:, cols // 4:].long(), weight.codes().long()
+    k = torch.arange(cols)
+    chunk, t = k // 256, k % 256
+    whole = k < cols // 256 * 256  # code 128h + 4i + j of a whole chunk: bit 2j + h of its byte i; the rest in order
+    at = torch.where(whole, 32 * chunk + t % 128 // 4, k // 8)
+    bit = torch.where(whole, 2 * (t % 4) + t // 128, k % 8)
+    assert torch.equal((high[:, at] >> bit) & 1, codes >> 2)
 
 
 def test_a8_paths_are_the_ones_this_cpu_runs_and_refuse_the_others():
