@@ -22,8 +22,8 @@ Variants (:func:`bench_variants`), the torch ones decoded by :class:`omniquant.d
 8-bit embedding and LM head of the pack stage's second file), ``packed_a8`` (``packed_int8`` with its
 decoding rows rounded to int8, :func:`omniquant.packed.use_int8_activations`: the int8 kernels; it
 also gets ``isa``, the kernels' path (:func:`omniquant.kernels.cpu.a8_isa`), and ``vs_packed_int8``,
-:func:`decode_agreement` against ``packed_int8``), ``packed_hf`` (the packed model through HF's own forward and cache, to show what the decoder saves), ``torch_int4`` (CPU, 4-bit:
-the packed model with bfloat16 activations, so :class:`~omniquant.packed.PackedLinear` runs
+:func:`decode_agreement` against ``packed_int8``), ``packed_hf`` (the packed model through HF's own forward
+and cache, to show what the decoder saves), ``torch_int4`` (CPU, 4-bit: the packed model with bfloat16 activations, so :class:`~omniquant.packed.PackedLinear` runs
 ``aten._weight_int4pack_mm_for_cpu``), ``tvm`` (CPU: :mod:`omniquant.mlc.tvm_decoder`), ``tvm_int8``
 (its build of the checkpoint with 8-bit embeddings) and the
 llama.cpp variants of :mod:`omniquant.llamacpp` (CPU, batch 1, a GGUF file each). The packed
