@@ -24,7 +24,8 @@
 // The AVX2 path reads the same chunks and the same x layout, each 64-byte chunk as two 32-byte halves
 // (int32 lane l of half h is lane 8h + l above): vpmaddubsw sums byte pairs into int16 (no overflow:
 // |code| ≤ 15 or |q| ≤ 127 times |xi| ≤ 127, summed over at most 4 sub-planes), vpmaddwd by ones sums
-// those pairs into the int32 lanes. 3-bit weights take the two planes (2 + 1): no VBMI.
+// those pairs into the int32 lanes. 3-bit weights (no VBMI) take their AVX2 a8 layout: the two planes, the
+// high bits of each whole 256-code chunk reordered and merged into the codes (chunk_dot2<3>).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
@@ -32,6 +33,8 @@
 #include <cmath>
 #include <cstring>
 #include <vector>
+
+float hsum(__m256 v);  // cpu_packed.cpp: the sum of 8 lanes
 
 #define OMNIQUANT_VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi")))
 
@@ -354,12 +357,6 @@ inline __m256 plane_row2(const uint8_t* bytes, int64_t plane_bytes, const PlaneX
   return acc;
 }
 
-inline float hsum2(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
-}
-
 // The planes of output row n against row r of x, on AVX2 (the zero-point term left to the caller); layout3:
 // 3-bit codes in the AVX2 a8 layout, whole 256-code chunks merged (a short last chunk keeps its two planes).
 float planes_dot2(const std::vector<PlaneX>& px, bool layout3, const uint8_t* row, int64_t nblocks, int64_t in,
@@ -376,7 +373,7 @@ float planes_dot2(const std::vector<PlaneX>& px, bool layout3, const uint8_t* ro
       default: acc = plane_row2<1>(bytes, plane_bytes, p, r, group, s_n, n_groups, acc, begin, p.chunks); break;
     }
   }
-  return hsum2(acc);
+  return hsum(acc);
 }
 
 // head_dot512 on AVX2: a block of 32 is one activation scale, |xi|·(q with xi's sign) by vpsignb.
@@ -391,7 +388,7 @@ float head_dot2(const Rounded& xr, const int8_t* qn, int64_t r, int64_t in) {
                                            _mm256_set1_epi16(1));
     acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), _mm256_set1_ps(xr.a[r * nblocks + b]), acc);
   }
-  return hsum2(acc);
+  return hsum(acc);
 }
 
 // ------------------------------------------------------------------------------------------ rows
