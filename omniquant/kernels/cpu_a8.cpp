@@ -327,10 +327,13 @@ inline __m256 lane_scales2(const PlaneX& p, int64_t c, int h, const float* s_n, 
       reinterpret_cast<const __m256i*>(p.gidx.data() + c * 16 + 8 * h)));
 }
 
-// plane_row on AVX2, over chunks begin..end of the plane (W = 3: see chunk_dot2).
-template <int W>
-inline __m256 plane_row2(const uint8_t* bytes, int64_t plane_bytes, const PlaneX& p, int64_t r, int64_t group,
-                         const float* s_n, int64_t n_groups, __m256 acc, int64_t begin, int64_t end) {
+// plane_row on AVX2 for NR output rows at once (row k: its plane's bytes[k] and scales s_n[k], added into
+// acc[k]), over chunks begin..end of the plane (W = 3: see chunk_dot2). The rows' chains are independent, so
+// they hide each other's latencies; each row's sums are formed as for one row alone.
+template <int W, int NR>
+inline void plane_rows2(const uint8_t* const (&bytes)[NR], int64_t plane_bytes, const PlaneX& p, int64_t r,
+                        int64_t group, const float* const (&s_n)[NR], int64_t n_groups, __m256 (&acc)[NR],
+                        int64_t begin, int64_t end) {
   constexpr int SUBS = W == 1 ? 1 : W == 3 ? 4 : 8 / W;
   const int8_t* xw = p.xw.data() + r * p.chunks * SUBS * 64;
   const float* lane_a = p.lane_a.data() + r * p.chunks * 16;
@@ -338,42 +341,51 @@ inline __m256 plane_row2(const uint8_t* bytes, int64_t plane_bytes, const PlaneX
   if (group % p.codes == 0 && begin == 0 && end == p.chunks) {
     const int64_t per_group = group / p.codes;
     for (int64_t g = 0, c = 0; g < n_groups; ++g) {
-      __m256 part[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};  // a chain per half
-      for (const int64_t last = std::min(c + per_group, p.chunks); c < last; ++c) {
-        chunk_dot2<W>(bytes, plane_bytes, xw + c * SUBS * 64, c, isum);
-        for (int h = 0; h < 2; ++h)
-          part[h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[h]), _mm256_loadu_ps(lane_a + c * 16 + 8 * h), part[h]);
-      }
-      acc = _mm256_fmadd_ps(_mm256_add_ps(part[0], part[1]), _mm256_set1_ps(s_n[g]), acc);
+      __m256 part[NR][2];  // a chain per row and half
+      for (int k = 0; k < NR; ++k) part[k][0] = part[k][1] = _mm256_setzero_ps();
+      for (const int64_t last = std::min(c + per_group, p.chunks); c < last; ++c)
+        for (int k = 0; k < NR; ++k) {
+          chunk_dot2<W>(bytes[k], plane_bytes, xw + c * SUBS * 64, c, isum);
+          for (int h = 0; h < 2; ++h)
+            part[k][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[h]), _mm256_loadu_ps(lane_a + c * 16 + 8 * h),
+                                         part[k][h]);
+        }
+      for (int k = 0; k < NR; ++k)
+        acc[k] = _mm256_fmadd_ps(_mm256_add_ps(part[k][0], part[k][1]), _mm256_set1_ps(s_n[k][g]), acc[k]);
     }
-    return acc;
+    return;
   }
-  for (int64_t c = begin; c < end; ++c) {
-    chunk_dot2<W>(bytes, plane_bytes, xw + c * SUBS * 64, c, isum);
-    for (int h = 0; h < 2; ++h)
-      acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[h]), _mm256_mul_ps(lane_scales2(p, c, h, s_n, n_groups),
-                                                                       _mm256_loadu_ps(lane_a + c * 16 + 8 * h)), acc);
-  }
-  return acc;
+  for (int64_t c = begin; c < end; ++c)
+    for (int k = 0; k < NR; ++k) {
+      chunk_dot2<W>(bytes[k], plane_bytes, xw + c * SUBS * 64, c, isum);
+      for (int h = 0; h < 2; ++h)
+        acc[k] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[h]), _mm256_mul_ps(lane_scales2(p, c, h, s_n[k], n_groups),
+                                                                            _mm256_loadu_ps(lane_a + c * 16 + 8 * h)),
+                                 acc[k]);
+    }
 }
 
-// The planes of output row n against row r of x, on AVX2 (the zero-point term left to the caller); layout3:
-// 3-bit codes in the AVX2 a8 layout, whole 256-code chunks merged (a short last chunk keeps its two planes).
-float planes_dot2(const std::vector<PlaneX>& px, bool layout3, const uint8_t* row, int64_t nblocks, int64_t in,
-                  int64_t r, int64_t group, const float* s_n, int64_t n_groups) {
-  __m256 acc = _mm256_setzero_ps();
+// The planes of NR output rows (rows[k], s_n[k]) against row r of x, on AVX2, into dot[k] (the zero-point term
+// left to the caller); layout3: 3-bit codes in the AVX2 a8 layout, whole 256-code chunks merged (a short last
+// chunk keeps its two planes).
+template <int NR>
+void planes_dot2(const std::vector<PlaneX>& px, bool layout3, const uint8_t* const (&rows)[NR], int64_t nblocks,
+                 int64_t in, int64_t r, int64_t group, const float* const (&s_n)[NR], int64_t n_groups, float* dot) {
+  __m256 acc[NR];
+  for (int k = 0; k < NR; ++k) acc[k] = _mm256_setzero_ps();
   const int64_t merged = layout3 ? in / 256 : 0;  // px: the 2-bit plane's x (256-code chunks), the 1-bit one's (64)
-  if (layout3) acc = plane_row2<3>(row, in / 4, px[0], r, group, s_n, n_groups, acc, 0, merged);
+  if (layout3) plane_rows2<3, NR>(rows, in / 4, px[0], r, group, s_n, n_groups, acc, 0, merged);
   for (const PlaneX& p : px) {
-    const uint8_t* bytes = row + 4 * nblocks * p.plane.offset;
+    const uint8_t* bytes[NR];
+    for (int k = 0; k < NR; ++k) bytes[k] = rows[k] + 4 * nblocks * p.plane.offset;
     const int64_t plane_bytes = in * p.plane.width / 8, begin = merged * 256 / p.codes;
     switch (p.plane.width) {
-      case 4: acc = plane_row2<4>(bytes, plane_bytes, p, r, group, s_n, n_groups, acc, begin, p.chunks); break;
-      case 2: acc = plane_row2<2>(bytes, plane_bytes, p, r, group, s_n, n_groups, acc, begin, p.chunks); break;
-      default: acc = plane_row2<1>(bytes, plane_bytes, p, r, group, s_n, n_groups, acc, begin, p.chunks); break;
+      case 4: plane_rows2<4, NR>(bytes, plane_bytes, p, r, group, s_n, n_groups, acc, begin, p.chunks); break;
+      case 2: plane_rows2<2, NR>(bytes, plane_bytes, p, r, group, s_n, n_groups, acc, begin, p.chunks); break;
+      default: plane_rows2<1, NR>(bytes, plane_bytes, p, r, group, s_n, n_groups, acc, begin, p.chunks); break;
     }
   }
-  return hsum(acc);
+  for (int k = 0; k < NR; ++k) dot[k] = hsum(acc[k]);
 }
 
 // head_dot512 on AVX2: a block of 32 is one activation scale, |xi|·(q with xi's sign) by vpsignb.
@@ -393,27 +405,49 @@ float head_dot2(const Rounded& xr, const int8_t* qn, int64_t r, int64_t in) {
 
 // ------------------------------------------------------------------------------------------ rows
 
-// Output rows begin..end of the packed matmul against every row of x (vnni: the AVX-512 path, else AVX2).
+// Output rows begin..end of the packed matmul against every row of x (vnni: the AVX-512 path, one row at a time;
+// else AVX2, NROWS rows at a time).
+template <int NR>
+void rows_a8(const std::vector<PlaneX>& px, bool layout3, bool vnni, const int32_t* qweight, int64_t words_per_row,
+             int64_t in, int64_t group, const float* s, const float* zs, const std::vector<float>& xhat_sum,
+             int64_t rows, int64_t n_groups, float* y, int64_t out, int64_t n, int64_t end) {
+  const int64_t nblocks = in / 32;
+  const uint8_t* row[NR];
+  const float* s_n[NR];
+  for (int k = 0; k < NR; ++k) {
+    if (n + k + AHEAD < end) {
+      prefetch_row(qweight + (n + k + AHEAD) * words_per_row, words_per_row * 4);
+      prefetch_row(s + (n + k + AHEAD) * n_groups, n_groups * 4);
+    }
+    row[k] = reinterpret_cast<const uint8_t*>(qweight + (n + k) * words_per_row);
+    s_n[k] = s + (n + k) * n_groups;
+  }
+  for (int64_t r = 0; r < rows; ++r) {
+    float dot[NR];
+    if (vnni)
+      dot[0] = planes_dot512(px, layout3, row[0], nblocks, in, r, group, s_n[0], n_groups);
+    else
+      planes_dot2<NR>(px, layout3, row, nblocks, in, r, group, s_n, n_groups, dot);
+    for (int k = 0; k < NR; ++k) {
+      float corr = 0.f;
+      for (int64_t g = 0; g < n_groups; ++g) corr += zs[(n + k) * n_groups + g] * xhat_sum[r * n_groups + g];
+      y[r * out + n + k] = dot[k] - corr;
+    }
+  }
+}
+
+constexpr int NROWS = 4;
+
 void matmul_a8_rows(const std::vector<PlaneX>& px, bool layout3, bool vnni, const int32_t* qweight,
                     int64_t words_per_row, int64_t in, int64_t group, const float* s, const float* zs,
                     const std::vector<float>& xhat_sum, int64_t rows, int64_t n_groups, float* y, int64_t out,
                     int64_t begin, int64_t end) {
-  const int64_t nblocks = in / 32;
-  for (int64_t n = begin; n < end; ++n) {
-    if (n + AHEAD < end) {
-      prefetch_row(qweight + (n + AHEAD) * words_per_row, words_per_row * 4);
-      prefetch_row(s + (n + AHEAD) * n_groups, n_groups * 4);
-    }
-    const uint8_t* row = reinterpret_cast<const uint8_t*>(qweight + n * words_per_row);
-    const float* s_n = s + n * n_groups;
-    for (int64_t r = 0; r < rows; ++r) {
-      const float dot = vnni ? planes_dot512(px, layout3, row, nblocks, in, r, group, s_n, n_groups)
-                             : planes_dot2(px, layout3, row, nblocks, in, r, group, s_n, n_groups);
-      float corr = 0.f;
-      for (int64_t g = 0; g < n_groups; ++g) corr += zs[n * n_groups + g] * xhat_sum[r * n_groups + g];
-      y[r * out + n] = dot - corr;
-    }
-  }
+  int64_t n = begin;
+  if (!vnni)
+    for (; n + NROWS <= end; n += NROWS)
+      rows_a8<NROWS>(px, layout3, vnni, qweight, words_per_row, in, group, s, zs, xhat_sum, rows, n_groups, y, out, n, end);
+  for (; n < end; ++n)
+    rows_a8<1>(px, layout3, vnni, qweight, words_per_row, in, group, s, zs, xhat_sum, rows, n_groups, y, out, n, end);
 }
 
 // Output rows begin..end of the int8 head against every row of x (h: the AVX-512 path's input, or none).
