@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from omniquant.kernels import cpu
-from omniquant.packing import int8_rows
+from omniquant.packing import int8_rows, pack_weight
 from omniquant.quantizer import QuantSpec
 
 from test_cpu_kernels import LAYOUTS, packed, rows_of
@@ -54,6 +54,19 @@ def test_a8_gives_the_product_at_any_group_size(group, cols, bits, isa):
     scale = (x.double().abs() @ weight.dequantize().double().abs().T).max()
     got = cpu.matmul_a8(x, weight, cpu.zero_scales(weight), cpu.a8_layout(weight, isa), isa)
     assert (got.double() - expected).abs().max() <= 1e-5 * scale
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("spec", [QuantSpec(4, 128), QuantSpec(3, 128), QuantSpec(2, 64)], ids=lambda s: s.tag)
+def test_a8_rows_taken_together_give_what_each_row_gives_alone(spec, isa):
+    weight = packed(spec, out=70, cols=576)  # AVX2 takes 4 rows a pass; 70 leaves a remainder
+    x = rows_of(2, 576)
+    together = cpu.matmul_a8(x, weight, cpu.zero_scales(weight), cpu.a8_layout(weight, isa), isa)
+    codes, zeros = weight.codes(), weight.zeros()
+    for n in range(70):
+        row = pack_weight(codes[n:n + 1], weight.scales[n:n + 1], zeros[n:n + 1], spec)
+        alone = cpu.matmul_a8(x, row, cpu.zero_scales(row), cpu.a8_layout(row, isa), isa)
+        assert torch.equal(together[:, n:n + 1], alone)
 
 
 @pytest.mark.skipif("avx512_vnni" not in ISAS, reason="the contiguous 3-bit layout is for AVX-512 VBMI")
