@@ -25,6 +25,7 @@ from __future__ import annotations
 import functools
 import warnings
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -57,8 +58,7 @@ class PackedLinear(nn.Module):
         self.cpu_kernel = cpu_kernels.supports(weight)  # float32 CPU forwards use omniquant.kernels.cpu
         self.int8_activations = False  # decoding rows through cpu_kernels.matmul_a8 (use_int8_activations)
         self._int4: tuple[torch.dtype, torch.Tensor, torch.Tensor] | None = None
-        self._zero_scales: torch.Tensor | None = None
-        self._qweight_a8: torch.Tensor | None = None  # cpu_kernels.a8_layout, built on the first a8 forward
+        self._decoding: tuple[str, Callable[[torch.Tensor], torch.Tensor]] | None = None  # (path, bound kernel call)
 
     @property
     def packed(self) -> PackedWeight:
@@ -68,25 +68,28 @@ class PackedLinear(nn.Module):
         return self.packed.dequantize().to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.numel() // self.in_features
         path = self.path(x)
-        if x.is_cuda and rows <= kernels.MAX_ROWS and kernels.supports(self.packed) and kernels.available():
+        if (x.is_cuda and x.numel() // self.in_features <= kernels.MAX_ROWS and kernels.supports(self.packed)
+                and kernels.available()):
             y = kernels.quant_matmul(x, self.packed)
-        elif path in ("cpu_matmul", "cpu_matmul_a8"):
-            if self._zero_scales is None:
-                self._zero_scales = cpu_kernels.zero_scales(self.packed)
-            if path == "cpu_matmul":
-                y = cpu_kernels.matmul(x, self.packed, self._zero_scales)
-            else:
-                if self._qweight_a8 is None:
-                    self._qweight_a8 = cpu_kernels.a8_layout(self.packed)
-                y = cpu_kernels.matmul_a8(x, self.packed, self._zero_scales, self._qweight_a8)
+        elif path in ("cpu_matmul", "cpu_matmul_a8"):  # decoding: the bound call, bias included
+            return self._decoding_matmul(path)(x)
         elif path == "int4":
             y = self._int4_matmul(x)
         else:
             weight = cpu_kernels.dequantize(self.packed) if path == "cpu_dequantize" else self.dequantized_weight(x.dtype)
             return F.linear(x, weight, self.bias)
         return y if self.bias is None else y + self.bias
+
+    def _decoding_matmul(self, path: str) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The CPU kernel call of ``path`` (``cpu_matmul`` or ``cpu_matmul_a8``), bias included, bound to this layer's
+        tensors on its first use (rebuilt after a state-dict load)."""
+        if self._decoding is None or self._decoding[0] != path:
+            weight, bias, a8 = self.packed, self.bias, path == "cpu_matmul_a8"
+            layout = cpu_kernels.a8_layout(weight) if a8 else None
+            call = cpu_kernels.decoding_matmul(weight, cpu_kernels.zero_scales(weight), a8, layout)
+            self._decoding = (path, call if bias is None else lambda x: call(x) + bias)
+        return self._decoding[1]
 
     def path(self, x: torch.Tensor) -> str:
         """The CPU path ``forward(x)`` takes: ``cpu_matmul`` (``cpu_matmul_a8`` after :func:`use_int8_activations`),
@@ -117,7 +120,7 @@ class PackedLinear(nn.Module):
         return y.reshape(*x.shape[:-1], self.out_features)
 
     def _load_from_state_dict(self, *args, **kwargs) -> None:
-        self._int4 = self._zero_scales = self._qweight_a8 = None  # new packed data: rebuild the cached layouts
+        self._int4 = self._decoding = None  # new packed data: rebuild the cached layouts and calls
         super()._load_from_state_dict(*args, **kwargs)
 
     def extra_repr(self) -> str:

@@ -24,6 +24,7 @@ from __future__ import annotations
 import functools
 from pathlib import Path
 from types import ModuleType
+from typing import Callable
 
 import torch
 
@@ -80,8 +81,18 @@ def zero_scales(weight: PackedWeight) -> torch.Tensor:
 
 def matmul(x: torch.Tensor, weight: PackedWeight, zs: torch.Tensor) -> torch.Tensor:
     """``x @ Wᵀ`` (float32) with ``zs = zero_scales(weight)``; ``x [..., in]`` → ``[..., out]``."""
+    return decoding_matmul(weight, zs)(x)
+
+
+def decoding_matmul(weight: PackedWeight, zs: torch.Tensor, int8_activations: bool = False,
+                    qweight_a8: torch.Tensor | None = None, isa: str | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``x ↦`` :func:`matmul` (or with ``int8_activations`` :func:`matmul_a8`) ``(x, weight, zs, ...)``, every
+    argument but ``x`` resolved once: a decoding step's call, without per-call Python work."""
     group = weight.spec.group_size or weight.in_features
-    return _module().matmul(x, weight.qweight, weight.scales, zs, weight.spec.bits, group, False, False, False)
+    stream = int8_activations and qweight_a8 is not None and qweight_a8 is not weight.qweight  # the 3-bit a8 layout
+    vnni = int8_activations and a8_isa(isa) == "avx512_vnni"
+    kernel, qweight, scales, bits = _module().matmul, qweight_a8 if stream else weight.qweight, weight.scales, weight.spec.bits
+    return lambda x: kernel(x, qweight, scales, zs, bits, group, int8_activations, stream, vnni)
 
 
 def dequantize(weight: PackedWeight) -> torch.Tensor:
@@ -156,10 +167,7 @@ def matmul_a8(x: torch.Tensor, weight: PackedWeight, zs: torch.Tensor, qweight_a
     """:func:`matmul` on ``round_activations(x)``, integer products summed on path ``isa`` (default
     :func:`a8_isa`; ``in_features`` and the group multiples of 32); ``qweight_a8``: ``a8_layout(weight, isa)``,
     computed once by the caller (faster for 3 bits)."""
-    group = weight.spec.group_size or weight.in_features
-    stream = qweight_a8 is not None and qweight_a8 is not weight.qweight  # the contiguous 3-bit layout
-    return _module().matmul(x, qweight_a8 if stream else weight.qweight, weight.scales, zs, weight.spec.bits, group,
-                            True, stream, a8_isa(isa) == "avx512_vnni")
+    return decoding_matmul(weight, zs, True, qweight_a8, isa)(x)
 
 
 def int8_matmul_a8(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, isa: str | None = None) -> torch.Tensor:
