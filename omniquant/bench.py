@@ -27,8 +27,8 @@ and cache, to show what the decoder saves), ``torch_int4`` (CPU, 4-bit: the pack
 ``aten._weight_int4pack_mm_for_cpu``), ``tvm`` (CPU: :mod:`omniquant.mlc.tvm_decoder`), ``tvm_int8``
 (its build of the checkpoint with 8-bit embeddings) and the
 llama.cpp variants of :mod:`omniquant.llamacpp` (CPU, batch 1, a GGUF file each). The packed
-variants also get ``step_ms``: one batch-1 decode step's milliseconds in the packed linears, the
-LM head and the rest (:func:`step_profile`).
+variants also get ``step_ms``: one batch-1 decode step's milliseconds, and in a hooked (unfused) step those
+in the packed linears, the LM head and the rest (:func:`step_profile`).
 Random weights are enough (:func:`random_packed_model`): speed does not depend on weight values.
 """
 from __future__ import annotations
@@ -268,9 +268,11 @@ def _decode(runner: Runner, logits: torch.Tensor, cache: Any, steps: int) -> Non
 
 
 def step_profile(runner: Runner, prompt: torch.Tensor, steps: int = 32) -> dict[str, float]:
-    """Milliseconds per batch-1 decode step after ``prompt``: ``total`` (timed without hooks), and
-    within it the packed linears and the LM head (timed by forward hooks on ``runner.parts`` in a
-    second run); ``other`` is the rest (norms, attention, rotary, Python)."""
+    """Milliseconds per batch-1 decode step after ``prompt``: ``total`` (timed without hooks), and the
+    packed linears and the LM head of a second run timed by forward hooks on ``runner.parts``, with
+    ``other`` the rest of that run's step (norms, attention, rotary, Python). The hooks make the
+    :class:`omniquant.decode.Decoder` call the modules, so that split is of its unfused step, which
+    ``unfused_total`` times (hooks included)."""
     logits, cache = runner.prefill(prompt)
     start = time.perf_counter()
     _decode(runner, logits, cache, steps)
@@ -285,12 +287,14 @@ def step_profile(runner: Runner, prompt: torch.Tensor, steps: int = 32) -> dict[
     try:
         logits, cache = runner.prefill(prompt)
         spent |= dict.fromkeys(spent, 0.0)
+        start = time.perf_counter()
         _decode(runner, logits, cache, steps)
+        hooked = 1e3 * (time.perf_counter() - start) / steps
     finally:
         for handle in handles:
             handle.remove()
     ms = {part: 1e3 * t / steps for part, t in spent.items()}
-    return ms | {"other": total - sum(ms.values()), "total": total, "steps": steps}
+    return ms | {"other": hooked - sum(ms.values()), "unfused_total": hooked, "total": total, "steps": steps}
 
 
 def benchmark(make_runner: Callable[[], Runner], device: torch.device | str = "cpu",

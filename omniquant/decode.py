@@ -11,7 +11,9 @@ the same modules:
 - rotary tables computed once for every position, and the LM head at the last position only;
 - one-token float32 steps on the CPU through :mod:`omniquant.kernels.cpu`'s decode helpers (norms,
   the attention with its rotary and cache write, the gated activation): a layer is then eight
-  calls instead of some forty small ATen ops. Prefill, other dtypes and devices use torch ops.
+  calls instead of some forty small ATen ops; where all its linears are packed, one C++ call
+  (:func:`omniquant.kernels.cpu.decode_layer`, the same calls without Python between them), except while a
+  forward hook watches the linears (the benchmark's profile). Prefill, other dtypes and devices use torch ops.
 
 What differs between families (norm kind, qk-norm, post-norms, activation, sliding windows)
 comes from the :mod:`omniquant.arch` adapter. It is the inference counterpart of
@@ -25,6 +27,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules import module as torch_module
 
 from omniquant.arch import Adapter, adapter_of
 from omniquant.arch.base import View
@@ -163,6 +166,28 @@ class Decoder:
         self.rope = self._rope_tables()
         self.fast = (self.device.type == "cpu" and self.dtype == torch.float32 and cpu_kernels.unavailable() is None
                      and all(layer.gelu is not None for layer in self.layers))
+        self.fused = self._fused_steps() if self.fast else None
+
+    def _fused_steps(self) -> list | None:
+        """Per layer, its one-token step in C++ (:func:`omniquant.kernels.cpu.decode_layer`), where every linear is
+        a :class:`PackedLinear` on a CPU kernel path for decoding rows (their calls bound now); else ``None``."""
+        steps = []
+        for layer in self.layers:
+            calls = []
+            for linear in (layer.qkv, layer.o, layer.gate_up, layer.down):
+                path = linear.path(torch.empty(1, linear.in_features)) if isinstance(linear, PackedLinear) else None
+                if path not in ("cpu_matmul", "cpu_matmul_a8"):
+                    return None
+                calls.append(linear.decoding_call(path))
+            norms = [layer.norms[key] for key in ("attn", "mlp", "attn_out", "mlp_out", "q", "k")]
+            steps.append(cpu_kernels.decode_layer(*calls, norms, layer.scaling, layer.heads[0], layer.gelu))
+        return steps
+
+    def _hooked(self) -> bool:
+        """Whether a forward hook watches a layer's linears (a profile): then the steps call the modules."""
+        return bool(torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks) or any(
+            m._forward_hooks or m._forward_pre_hooks
+            for layer in self.layers for m in (layer.qkv, layer.o, layer.gate_up, layer.down))
 
     def _rope_tables(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Per layer, the first halves of HF's ``(cos, sin)``, ``[max_len, 1, head_dim / 2]`` in the model's
@@ -236,7 +261,13 @@ class Decoder:
         x = self.adapter.embed(self.model, ids.to(self.device))
         masks = [kw["attention_mask"] for kw in self.adapter.layer_inputs(self.model, x)] if n > 1 else None
         span = slice(cache.pos, cache.pos + n)
+        fused = self.fused if self.fused and n == 1 and not self._hooked() else None
         for i in range(len(self.layers)):
+            if fused:
+                layer, (cos, sin) = self.layers[i], self.rope[i]
+                start = max(0, cache.pos + 1 - layer.window) if layer.window is not None else 0
+                x = fused[i](x, cos[cache.pos], sin[cache.pos], cache.k[i], cache.v[i], cache.pos, start)
+                continue
             if self.fast and n == 1:
                 x = self._fast_step(i, x, cache)
                 continue

@@ -73,7 +73,7 @@ class PackedLinear(nn.Module):
                 and kernels.available()):
             y = kernels.quant_matmul(x, self.packed)
         elif path in ("cpu_matmul", "cpu_matmul_a8"):  # decoding: the bound call, bias included
-            return self._decoding_matmul(path)(x)
+            return self.decoding_call(path)(x)
         elif path == "int4":
             y = self._int4_matmul(x)
         else:
@@ -81,14 +81,15 @@ class PackedLinear(nn.Module):
             return F.linear(x, weight, self.bias)
         return y if self.bias is None else y + self.bias
 
-    def _decoding_matmul(self, path: str) -> Callable[[torch.Tensor], torch.Tensor]:
-        """The CPU kernel call of ``path`` (``cpu_matmul`` or ``cpu_matmul_a8``), bias included, bound to this layer's
-        tensors on its first use (rebuilt after a state-dict load)."""
+    def decoding_call(self, path: str) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The CPU kernel call of ``path`` (``cpu_matmul`` or ``cpu_matmul_a8``), bias included
+        (:func:`omniquant.kernels.cpu.decoding_matmul`), bound to this layer's tensors on its first use (rebuilt after a
+        state-dict load)."""
         if self._decoding is None or self._decoding[0] != path:
-            weight, bias, a8 = self.packed, self.bias, path == "cpu_matmul_a8"
+            weight, a8 = self.packed, path == "cpu_matmul_a8"
             layout = cpu_kernels.a8_layout(weight) if a8 else None
-            call = cpu_kernels.decoding_matmul(weight, cpu_kernels.zero_scales(weight), a8, layout)
-            self._decoding = (path, call if bias is None else lambda x: call(x) + bias)
+            self._decoding = (path, cpu_kernels.decoding_matmul(weight, cpu_kernels.zero_scales(weight), a8, layout,
+                                                                bias=self.bias))
         return self._decoding[1]
 
     def path(self, x: torch.Tensor) -> str:

@@ -93,7 +93,8 @@ def test_variants_report_the_documented_keys(packed):
     for name in set(PROFILED) & set(results):  # one decode step's time: the packed linears, the head and the rest
         step = results[name]["step_ms"]
         assert step["linears"] > 0 and step["head"] > 0 and step["steps"] == 4
-        assert step["total"] == pytest.approx(step["linears"] + step["head"] + step["other"])
+        assert step["unfused_total"] == pytest.approx(step["linears"] + step["head"] + step["other"])
+        assert step["total"] > 0 and step["other"] > 0  # the split is of the hooked (unfused) step
     assert "step_ms" not in results["fp"]
 
 

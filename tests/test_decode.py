@@ -104,3 +104,45 @@ def test_one_token_steps_through_the_cpu_kernels_equal_the_torch_ops(family):
     for t in range(12, 20):  # past gemma's sliding window of 8
         torch.testing.assert_close(fast(ids[:, t:t + 1], caches[0]), slow(ids[:, t:t + 1], caches[1]),
                                    rtol=1e-5, atol=1e-5)
+
+
+# qwen2: biases on q/k/v; gemma3_text: q/k norms, post-norms, GELU, a sliding window of 8 (crossed below)
+@pytest.mark.parametrize("int8_activations", [False, True], ids=["float", "a8"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma3_text"])
+def test_fused_packed_steps_equal_the_python_steps_bit_for_bit(tmp_path, family, int8_activations):
+    from omniquant.bench import random_packed_model
+    from omniquant.kernels import cpu
+    from omniquant.packed import use_int8_activations
+
+    if cpu.unavailable() is not None:
+        pytest.skip(f"CPU kernels: {cpu.unavailable()}")
+    path = random_packed_model(tiny(family).config, QuantSetting(4, 16, 32), tmp_path / "w4.st")["path"]
+    model = load_packed_model(path)
+    if int8_activations:
+        use_int8_activations(model)
+    ids = torch.randint(0, model.config.vocab_size, (2, 20), generator=torch.Generator().manual_seed(5))
+    fused, plain = Decoder(model, 20), Decoder(model, 20)
+    assert fused.fused is not None and len(fused.fused) == len(fused.layers)
+    plain.fused = None  # the Python step with the same kernels
+    caches = fused.cache(2), plain.cache(2)
+    assert torch.equal(fused(ids[:, :12], caches[0]), plain(ids[:, :12], caches[1]))
+    for t in range(12, 20):
+        assert torch.equal(fused(ids[:, t:t + 1], caches[0]), plain(ids[:, t:t + 1], caches[1]))
+
+
+def test_a_forward_hook_on_a_linear_makes_the_fused_decoder_call_the_modules(tmp_path):
+    from omniquant.bench import random_packed_model
+    from omniquant.kernels import cpu
+
+    if cpu.unavailable() is not None:
+        pytest.skip(f"CPU kernels: {cpu.unavailable()}")
+    path = random_packed_model(tiny("llama").config, QuantSetting(4, 16, 32), tmp_path / "w4.st")["path"]
+    decoder = Decoder(load_packed_model(path), 4)
+    cache = decoder.cache(1)
+    decoder(torch.tensor([[1, 2]]), cache)
+    seen = []
+    handle = decoder.layers[0].o.register_forward_hook(lambda *_: seen.append(1))
+    decoder(torch.tensor([[3]]), cache)
+    handle.remove()
+    decoder(torch.tensor([[4]]), cache)
+    assert seen == [1]  # the hooked step went through the modules

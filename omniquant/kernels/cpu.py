@@ -17,7 +17,8 @@ fall back silently.
   int32, by AVX-512 VNNI where the CPU has it (and VBMI), else by AVX2 (:func:`a8_isas`); opt-in
   (:func:`omniquant.packed.use_int8_activations`), since they change the numbers, not only the speed;
 - :func:`rms_norm`, :func:`attend`, :func:`glu`: the norms, the attention of one new position over a
-  KV cache, and the gated activation of :class:`omniquant.decode.Decoder`'s one-token steps.
+  KV cache, and the gated activation of :class:`omniquant.decode.Decoder`'s one-token steps; :func:`decode_layer`:
+  a whole layer's step from them and its packed linears' bound calls (:func:`decoding_matmul`).
 """
 from __future__ import annotations
 
@@ -85,14 +86,16 @@ def matmul(x: torch.Tensor, weight: PackedWeight, zs: torch.Tensor) -> torch.Ten
 
 
 def decoding_matmul(weight: PackedWeight, zs: torch.Tensor, int8_activations: bool = False,
-                    qweight_a8: torch.Tensor | None = None, isa: str | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
-    """``x ↦`` :func:`matmul` (or with ``int8_activations`` :func:`matmul_a8`) ``(x, weight, zs, ...)``, every
-    argument but ``x`` resolved once: a decoding step's call, without per-call Python work."""
+                    qweight_a8: torch.Tensor | None = None, isa: str | None = None,
+                    bias: torch.Tensor | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``x ↦`` :func:`matmul` (or with ``int8_activations`` :func:`matmul_a8`) ``(x, weight, zs, ...) + bias``, every
+    argument but ``x`` resolved once (a C++ ``PackedCall``): a decoding step's call, without per-call Python work,
+    which :func:`decode_layer` also takes."""
     group = weight.spec.group_size or weight.in_features
     stream = int8_activations and qweight_a8 is not None and qweight_a8 is not weight.qweight  # the 3-bit a8 layout
     vnni = int8_activations and a8_isa(isa) == "avx512_vnni"
-    kernel, qweight, scales, bits = _module().matmul, qweight_a8 if stream else weight.qweight, weight.scales, weight.spec.bits
-    return lambda x: kernel(x, qweight, scales, zs, bits, group, int8_activations, stream, vnni)
+    return _module().PackedCall(qweight_a8 if stream else weight.qweight, weight.scales, zs, bias, weight.spec.bits,
+                                group, int8_activations, stream, vnni)
 
 
 def dequantize(weight: PackedWeight) -> torch.Tensor:
@@ -193,3 +196,15 @@ def attend(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: tor
 def glu(gate_up: torch.Tensor, gelu: bool) -> torch.Tensor:
     """``act(gate)·up`` of ``[..., 2·width]`` rows ``[gate | up]``: SiLU, or tanh-approximated GELU."""
     return _module().glu(gate_up, int(gelu))
+
+
+def decode_layer(qkv: Callable, o: Callable, gate_up: Callable, down: Callable,
+                 norms: list[tuple[torch.Tensor, float] | None],
+                 scale: float, heads: int, gelu: bool) -> Callable[..., torch.Tensor]:
+    """One decoder layer's one-token step in C++, from its four :func:`decoding_matmul` calls and its RMSNorms
+    (weight and eps of ``attn, mlp, attn_out, mlp_out, q, k``; none where the family has none): ``step(x, cos, sin, k_cache, v_cache,
+    pos, start)`` is ``x`` after the layer, the same calls in the same order as :class:`omniquant.decode.Decoder`'s
+    Python step (so the same numbers)."""
+    layer = _module().DecodeLayer(qkv, o, gate_up, down, [n and n[0] for n in norms], [n[1] if n else 0.0 for n in norms],
+                                  scale, heads, int(gelu))
+    return layer.step

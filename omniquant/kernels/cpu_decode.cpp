@@ -7,8 +7,12 @@
 //   into the cache at `pos`, and attend q over cache positions [start, pos] (a sliding window
 //   starts later) with a softmax in float32. Grouped-query heads read their KV head.
 // glu: act(gate)·up of a stacked [gate | up] row (SiLU, or GELU with the tanh approximation).
+// PackedCall: a packed linear's decoding matmul bound to its tensors (and bias); DecodeLayer: one decoder layer's
+//   one-token step from those pieces, the same calls in the same order as omniquant.decode's Python step (so the
+//   same numbers), without a Python round trip between them.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
+#include <pybind11/stl.h>
 
 #include <cmath>
 #include <vector>
@@ -130,4 +134,50 @@ torch::Tensor glu(torch::Tensor gate_up, int64_t gelu) {
     }
   }
   return y;
+}
+
+// cpu_packed.cpp
+torch::Tensor matmul(torch::Tensor x, torch::Tensor qweight, torch::Tensor scales, torch::Tensor zero_scales,
+                     int64_t bits, int64_t group, bool act8, bool a8_layout, bool vnni);
+
+struct PackedCall {
+  torch::Tensor qweight, scales, zs;
+  c10::optional<torch::Tensor> bias;
+  int64_t bits, group;
+  bool act8, a8_layout, vnni;
+
+  torch::Tensor operator()(const torch::Tensor& x) const {
+    auto y = matmul(x, qweight, scales, zs, bits, group, act8, a8_layout, vnni);
+    return bias ? y + *bias : y;
+  }
+};
+
+struct DecodeLayer {
+  PackedCall qkv, o, gate_up, down;
+  std::vector<c10::optional<torch::Tensor>> norms;  // attn, mlp, attn_out, mlp_out, q, k: weight or none
+  std::vector<double> eps;
+  double scale;
+  int64_t heads, gelu;
+
+  torch::Tensor norm(int i, const torch::Tensor& t) const { return norms[i] ? ::rms_norm(t, *norms[i], eps[i]) : t; }
+
+  torch::Tensor step(torch::Tensor x, torch::Tensor cos, torch::Tensor sin, torch::Tensor k_cache, torch::Tensor v_cache,
+                     int64_t pos, int64_t start) const {
+    auto out = ::attend(qkv(norm(0, x)), cos, sin, k_cache, v_cache, pos, start, scale, heads, norms[4], norms[5],
+                      norms[4] ? eps[4] : 0.0);
+    x = x + norm(2, o(out.unsqueeze(1)));
+    return x + norm(3, down(::glu(gate_up(norm(1, x)), gelu)));
+  }
+};
+
+void bind_decode(pybind11::module& m) {
+  namespace py = pybind11;
+  py::class_<PackedCall>(m, "PackedCall")
+      .def(py::init<torch::Tensor, torch::Tensor, torch::Tensor, c10::optional<torch::Tensor>, int64_t, int64_t, bool,
+                    bool, bool>())
+      .def("__call__", &PackedCall::operator());
+  py::class_<DecodeLayer>(m, "DecodeLayer")
+      .def(py::init<PackedCall, PackedCall, PackedCall, PackedCall, std::vector<c10::optional<torch::Tensor>>,
+                    std::vector<double>, double, int64_t, int64_t>())
+      .def("step", &DecodeLayer::step);
 }

@@ -454,8 +454,10 @@ torch::Tensor attend(torch::Tensor qkv, torch::Tensor cos, torch::Tensor sin, to
                      torch::Tensor v_cache, int64_t pos, int64_t start, double scale, int64_t heads,
                      c10::optional<torch::Tensor> q_norm, c10::optional<torch::Tensor> k_norm, double eps);
 torch::Tensor glu(torch::Tensor gate_up, int64_t gelu);
+void bind_decode(pybind11::module& m);  // PackedCall, DecodeLayer
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  bind_decode(m);
   m.def("rms_norm", &rms_norm, "RMSNorm over the last dimension (float32)");
   m.def("attend", &attend, "one new position's rotary attention over the KV cache");
   m.def("glu", &glu, "act(gate)·up of a stacked [gate | up] row");
