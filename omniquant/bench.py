@@ -348,6 +348,29 @@ def benchmark(make_runner: Callable[[], Runner], device: torch.device | str = "c
     }
 
 
+def alternated(makers: Mapping[str, Callable[[], Runner]], cfg: BenchConfig = BenchConfig(), seed: int = 0,
+               device: torch.device | str = "cpu") -> dict[str, Any]:
+    """Batch-1 decode tok/s of a few variants (``makers``: name → runner builder) timed in turn, one run of each
+    per round (a, b, a, b, ...), so that a machine whose speed drifts over minutes weighs on each alike: each
+    variant's runs and their median, and each one's median per-round ratio to the first variant's run."""
+    device = torch.device(device)
+    gen = torch.Generator().manual_seed(seed)
+    tokens = cfg.new_tokens[0]
+    runners = {name: make() for name, make in makers.items()}
+    prompts = {name: torch.randint(0, r.vocab_size, (1, cfg.prompt_len), generator=gen) for name, r in runners.items()}
+    for name, runner in runners.items():
+        _decode(runner, *runner.prefill(prompts[name]), steps=2)  # warm-up
+    runs: dict[str, list[float]] = {name: [] for name in runners}
+    for _ in range(cfg.repeats):
+        for name, runner in runners.items():
+            logits, cache = runner.prefill(prompts[name])
+            runs[name].append(tokens / _timed(lambda: _decode(runner, logits, cache, tokens), device))
+    first = runs[next(iter(runs))]
+    return {"new_tokens": tokens, "batch": 1, "runs": runs,
+            "median_tok_s": {name: statistics.median(r) for name, r in runs.items()},
+            "ratio_to_first": {name: statistics.median(a / b for a, b in zip(r, first)) for name, r in runs.items()}}
+
+
 # ------------------------------------------------------------------------------------------ models
 def llama2_7b_config(**overrides: Any) -> LlamaConfig:
     """The shape of Llama-2-7B (hidden 4096, 32 layers, 32 heads, intermediate 11008, vocab 32000)."""
@@ -479,13 +502,16 @@ def bits_sweep(config: PretrainedConfig, settings: list[QuantSetting], cfg: Benc
                gguf: str | Path | None = None, work_dir: str | Path | None = None) -> dict[str, Any]:
     """Decode speed against bits on one machine, in one run: random-weight packed models of
     ``config``'s shape at each setting (with and without 8-bit embeddings, :func:`random_packed_model`),
-    the dense float model once, and llama.cpp on ``gguf`` if given (the same threads)."""
+    the dense float model once, and llama.cpp on ``gguf`` if given (the same threads); with ``gguf``, also
+    ``alternated``: the first setting's ``packed_a8`` and llama.cpp timed in turns (:func:`alternated`)."""
     out = Path(work_dir or tempfile.mkdtemp(prefix="omniquant-sweep-"))
     bandwidth = memory_bandwidth("cpu", cfg.bandwidth_bytes)
     results: dict[str, Any] = {"device": device_name("cpu"), "bandwidth_gb_s": bandwidth / GB, "settings": {}}
+    int8_paths = []
     for i, setting in enumerate(settings):
         made = random_packed_model(config, setting, out / f"{setting.name}.safetensors")
         int8 = random_packed_model(config, setting, out / f"{setting.name}-int8.safetensors", embedding_bits=8)
+        int8_paths.append(int8["path"])
         variants = ("packed", "packed_int8", "packed_a8") + (("fp",) if i == 0 else ())
         benched = bench_variants(made["path"], "cpu", variants, cfg, int8_path=int8["path"])
         if i == 0:
@@ -495,6 +521,10 @@ def bits_sweep(config: PretrainedConfig, settings: list[QuantSetting], cfg: Benc
         results |= {"note": made["note"], "parameters": made["parameters"]}
     if gguf is not None:
         n_ctx = max(cfg.prefill_len, cfg.prompt_len + max(cfg.new_tokens))
-        results["llama_cpp"] = {"gguf": Path(gguf).name} | benchmark(
-            functools.partial(llamacpp.gguf_runner, gguf, torch.get_num_threads(), n_ctx), "cpu", cfg, bandwidth)
+        llama = functools.partial(llamacpp.gguf_runner, gguf, torch.get_num_threads(), n_ctx)
+        results["llama_cpp"] = {"gguf": Path(gguf).name} | benchmark(llama, "cpu", cfg, bandwidth)
+        if "skipped" not in results["settings"][settings[0].name]["packed_a8"]:
+            ours = f"{settings[0].name} packed_a8"
+            results["alternated"] = alternated(
+                {ours: lambda: decoder_runner(int8_activation_model(int8_paths[0]), n_ctx), "llama_cpp": llama}, cfg)
     return results

@@ -10,6 +10,8 @@ import torch
 from omniquant.bench import (
     PROFILED,
     BenchConfig,
+    Runner,
+    alternated,
     bench_variants,
     benchmark,
     dense_model,
@@ -127,3 +129,23 @@ def test_each_decode_figure_is_the_median_of_its_runs(packed):
     result = bench_variants(packed[4]["path"], variants=("packed",), cfg=TINY)["packed"]
     for key, runs in result["decode_runs"].items():
         assert len(runs) == TINY.repeats and result["decode_tok_s"][key] == pytest.approx(statistics.median(runs))
+
+
+def test_alternated_times_the_variants_in_turns_and_compares_each_with_the_first():
+    calls: list[str] = []
+
+    def fake(name: str) -> Runner:
+        def prefill(ids):
+            calls.append(name)
+            return torch.zeros(ids.shape[0], 8), None
+        return Runner(prefill, lambda token, cache: (torch.zeros(token.shape[0], 8), cache), 8, 0, 0)
+
+    cfg = BenchConfig(new_tokens=(3,), prompt_len=2, repeats=3)
+    result = alternated({"a": lambda: fake("a"), "b": lambda: fake("b")}, cfg)
+    assert calls == ["a", "b"] + ["a", "b"] * 3  # the warm-ups, then one run of each a round
+    assert result["new_tokens"] == 3 and result["batch"] == 1
+    assert {k: len(v) for k, v in result["runs"].items()} == {"a": 3, "b": 3}
+    assert result["median_tok_s"]["b"] == statistics.median(result["runs"]["b"])
+    assert result["ratio_to_first"]["a"] == 1.0
+    assert result["ratio_to_first"]["b"] == statistics.median(b / a for a, b in zip(result["runs"]["a"],
+                                                                                        result["runs"]["b"]))

@@ -160,3 +160,17 @@ def test_smollm2_source_gguf_agrees_with_our_fp_checkpoint(make_cfg, data_root, 
     runner = llamacpp.gguf_runner(source["path"], torch.get_num_threads(), 64)
     logits, _ = runner.prefill(tokenizer("The capital of France is", return_tensors="pt").input_ids)
     assert tokenizer.decode(logits.argmax(-1)) == " Paris"
+
+
+@needs_llama_cpp
+def test_a_bits_sweep_with_a_gguf_times_w4_a8_and_llama_cpp_in_turns(tiny, tmp_path):
+    from omniquant.bench import bits_sweep
+    from omniquant.kernels import cpu as cpu_kernels
+
+    if cpu_kernels.unavailable() is not None:
+        pytest.skip(f"CPU kernels: {cpu_kernels.unavailable()}")
+    cfg = BenchConfig(prefill_len=8, batches=(1,), new_tokens=(2,), prompt_len=4, bandwidth_bytes=8 * 2**20, repeats=2)
+    sweep = bits_sweep(tiny[0].config, [W4G32], cfg, tiny[1], tmp_path)
+    both = sweep["alternated"]
+    assert list(both["runs"]) == ["w4a16g32 packed_a8", "llama_cpp"] and all(len(r) == 2 for r in both["runs"].values())
+    assert both["ratio_to_first"]["w4a16g32 packed_a8"] == 1.0 and both["ratio_to_first"]["llama_cpp"] > 0
