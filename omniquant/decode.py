@@ -24,6 +24,8 @@ Families with learned positions (OPT), fused or expert weights (Phi-3, Mixtral) 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -168,7 +170,7 @@ class Decoder:
                      and all(layer.gelu is not None for layer in self.layers))
         self.fused = self._fused_steps() if self.fast else None
 
-    def _fused_steps(self) -> list | None:
+    def _fused_steps(self) -> list[Callable[..., torch.Tensor]] | None:
         """Per layer, its one-token step in C++ (:func:`omniquant.kernels.cpu.decode_layer`), where every linear is
         a :class:`PackedLinear` on a CPU kernel path for decoding rows (their calls bound now); else ``None``."""
         steps = []

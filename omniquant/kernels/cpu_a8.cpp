@@ -405,8 +405,8 @@ float head_dot2(const Rounded& xr, const int8_t* qn, int64_t r, int64_t in) {
 
 // ------------------------------------------------------------------------------------------ rows
 
-// Output rows begin..end of the packed matmul against every row of x (vnni: the AVX-512 path, one row at a time;
-// else AVX2, NROWS rows at a time).
+// Output rows n..n+NR of the packed matmul against every row of x (vnni: the AVX-512 path, which takes one row at a
+// time, so NR = 1; else AVX2); end: the caller's last row, for the prefetch.
 template <int NR>
 void rows_a8(const std::vector<PlaneX>& px, bool layout3, bool vnni, const int32_t* qweight, int64_t words_per_row,
              int64_t in, int64_t group, const float* s, const float* zs, const std::vector<float>& xhat_sum,
@@ -436,7 +436,9 @@ void rows_a8(const std::vector<PlaneX>& px, bool layout3, bool vnni, const int32
   }
 }
 
-constexpr int NROWS = 4;
+constexpr int NROWS = 4;  // output rows an AVX2 pass takes
+
+// Output rows begin..end of the packed matmul against every row of x.
 
 void matmul_a8_rows(const std::vector<PlaneX>& px, bool layout3, bool vnni, const int32_t* qweight,
                     int64_t words_per_row, int64_t in, int64_t group, const float* s, const float* zs,
@@ -445,9 +447,11 @@ void matmul_a8_rows(const std::vector<PlaneX>& px, bool layout3, bool vnni, cons
   int64_t n = begin;
   if (!vnni)
     for (; n + NROWS <= end; n += NROWS)
-      rows_a8<NROWS>(px, layout3, vnni, qweight, words_per_row, in, group, s, zs, xhat_sum, rows, n_groups, y, out, n, end);
+      rows_a8<NROWS>(px, layout3, false, qweight, words_per_row, in, group, s, zs, xhat_sum, rows, n_groups, y, out,
+                     n, end);
   for (; n < end; ++n)
-    rows_a8<1>(px, layout3, vnni, qweight, words_per_row, in, group, s, zs, xhat_sum, rows, n_groups, y, out, n, end);
+    rows_a8<1>(px, layout3, vnni, qweight, words_per_row, in, group, s, zs, xhat_sum, rows, n_groups, y, out, n,
+               end);
 }
 
 // Output rows begin..end of the int8 head against every row of x (h: the AVX-512 path's input, or none).

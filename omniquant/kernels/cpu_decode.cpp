@@ -161,8 +161,8 @@ struct DecodeLayer {
 
   torch::Tensor norm(int i, const torch::Tensor& t) const { return norms[i] ? ::rms_norm(t, *norms[i], eps[i]) : t; }
 
-  torch::Tensor step(torch::Tensor x, torch::Tensor cos, torch::Tensor sin, torch::Tensor k_cache, torch::Tensor v_cache,
-                     int64_t pos, int64_t start) const {
+  torch::Tensor step(torch::Tensor x, torch::Tensor cos, torch::Tensor sin, torch::Tensor k_cache,
+                     torch::Tensor v_cache, int64_t pos, int64_t start) const {
     auto out = ::attend(qkv(norm(0, x)), cos, sin, k_cache, v_cache, pos, start, scale, heads, norms[4], norms[5],
                       norms[4] ? eps[4] : 0.0);
     x = x + norm(2, o(out.unsqueeze(1)));
