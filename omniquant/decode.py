@@ -168,11 +168,12 @@ class Decoder:
         self.rope = self._rope_tables()
         self.fast = (self.device.type == "cpu" and self.dtype == torch.float32 and cpu_kernels.unavailable() is None
                      and all(layer.gelu is not None for layer in self.layers))
-        self.fused = self._fused_steps() if self.fast else None
+        self.fused = self._fused_step() if self.fast else None
 
-    def _fused_steps(self) -> list[Callable[..., torch.Tensor]] | None:
-        """Per layer, its one-token step in C++ (:func:`omniquant.kernels.cpu.decode_layer`), where every linear is
-        a :class:`PackedLinear` on a CPU kernel path for decoding rows (their calls bound now); else ``None``."""
+    def _fused_step(self) -> Callable[..., torch.Tensor] | None:
+        """The layers' one-token steps in one C++ call (:func:`omniquant.kernels.cpu.decode_stack`), where every
+        linear is a :class:`PackedLinear` on a CPU kernel path for decoding rows (their calls bound now); else
+        ``None``."""
         steps = []
         for layer in self.layers:
             calls = []
@@ -183,7 +184,8 @@ class Decoder:
                 calls.append(linear.decoding_call(path))
             norms = [layer.norms[key] for key in ("attn", "mlp", "attn_out", "mlp_out", "q", "k")]
             steps.append(cpu_kernels.decode_layer(*calls, norms, layer.scaling, layer.heads[0], layer.gelu))
-        return steps
+        return cpu_kernels.decode_stack(steps, [cos for cos, _ in self.rope], [sin for _, sin in self.rope],
+                                        [layer.window for layer in self.layers])
 
     def _hooked(self) -> bool:
         """Whether a forward hook watches a layer's linears (a profile): then the steps call the modules."""
@@ -263,13 +265,10 @@ class Decoder:
         x = self.adapter.embed(self.model, ids.to(self.device))
         masks = [kw["attention_mask"] for kw in self.adapter.layer_inputs(self.model, x)] if n > 1 else None
         span = slice(cache.pos, cache.pos + n)
-        fused = self.fused if self.fused and n == 1 and not self._hooked() else None
-        for i in range(len(self.layers)):
-            if fused:
-                layer, (cos, sin) = self.layers[i], self.rope[i]
-                start = max(0, cache.pos + 1 - layer.window) if layer.window is not None else 0
-                x = fused[i](x, cos[cache.pos], sin[cache.pos], cache.k[i], cache.v[i], cache.pos, start)
-                continue
+        fused = self.fused is not None and n == 1 and not self._hooked()
+        if fused:
+            x = self.fused(x, cache.k, cache.v, cache.pos)
+        for i in range(0 if fused else len(self.layers)):
             if self.fast and n == 1:
                 x = self._fast_step(i, x, cache)
                 continue

@@ -122,7 +122,7 @@ def test_fused_packed_steps_equal_the_python_steps_bit_for_bit(tmp_path, family,
         use_int8_activations(model)
     ids = torch.randint(0, model.config.vocab_size, (2, 20), generator=torch.Generator().manual_seed(5))
     fused, plain = Decoder(model, 20), Decoder(model, 20)
-    assert fused.fused is not None and len(fused.fused) == len(fused.layers)
+    assert fused.fused is not None
     plain.fused = None  # the Python step with the same kernels
     caches = fused.cache(2), plain.cache(2)
     assert torch.equal(fused(ids[:, :12], caches[0]), plain(ids[:, :12], caches[1]))

@@ -18,7 +18,8 @@ fall back silently.
   (:func:`omniquant.packed.use_int8_activations`), since they change the numbers, not only the speed;
 - :func:`rms_norm`, :func:`attend`, :func:`glu`: the norms, the attention of one new position over a
   KV cache, and the gated activation of :class:`omniquant.decode.Decoder`'s one-token steps; :func:`decode_layer`:
-  a whole layer's step from them and its packed linears' bound calls (:func:`decoding_matmul`).
+  a whole layer's step from them and its packed linears' bound calls (:func:`decoding_matmul`), and
+  :func:`decode_stack`: all the layers' steps in one call.
 """
 from __future__ import annotations
 
@@ -199,11 +200,18 @@ def glu(gate_up: torch.Tensor, gelu: bool) -> torch.Tensor:
 
 
 def decode_layer(qkv: Callable, o: Callable, gate_up: Callable, down: Callable,
-                 norms: list[tuple[torch.Tensor, float] | None],
-                 scale: float, heads: int, gelu: bool) -> Callable[..., torch.Tensor]:
+                 norms: list[tuple[torch.Tensor, float] | None], scale: float, heads: int, gelu: bool) -> object:
     """One decoder layer's one-token step in C++, from its four :func:`decoding_matmul` calls and its RMSNorms
-    (weight and eps of ``attn, mlp, attn_out, mlp_out, q, k``; none where the family has none):
+    (weight and eps of ``attn, mlp, attn_out, mlp_out, q, k``; none where the family has none): its
     ``step(x, cos, sin, k_cache, v_cache, pos, start)`` is ``x`` after the layer, the same calls in the same order
     as :class:`omniquant.decode.Decoder`'s Python step (so the same numbers)."""
     weights, eps = [n and n[0] for n in norms], [n[1] if n else 0.0 for n in norms]
-    return _module().DecodeLayer(qkv, o, gate_up, down, weights, eps, scale, heads, int(gelu)).step
+    return _module().DecodeLayer(qkv, o, gate_up, down, weights, eps, scale, heads, int(gelu))
+
+
+def decode_stack(layers: list, cos: list[torch.Tensor], sin: list[torch.Tensor],
+                 windows: list[int | None]) -> Callable[..., torch.Tensor]:
+    """:func:`decode_layer` steps one after the other in C++, each layer with its rotary half tables
+    (``[max_len, 1, d/2]``) and sliding window (``None``: none): ``step(x, k_caches, v_caches, pos)`` is ``x`` after
+    every layer at position ``pos``."""
+    return _module().DecodeStack(layers, cos, sin, [w or 0 for w in windows]).step

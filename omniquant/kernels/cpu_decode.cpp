@@ -9,7 +9,7 @@
 // glu: act(gate)·up of a stacked [gate | up] row (SiLU, or GELU with the tanh approximation).
 // PackedCall: a packed linear's decoding matmul bound to its tensors (and bias); DecodeLayer: one decoder layer's
 //   one-token step from those pieces, the same calls in the same order as omniquant.decode's Python step (so the
-//   same numbers), without a Python round trip between them.
+//   same numbers), without a Python round trip between them; DecodeStack: all the layers, one call a position.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <pybind11/stl.h>
@@ -170,6 +170,23 @@ struct DecodeLayer {
   }
 };
 
+// The layers of a decoder, each with its rotary tables ([max_len, 1, d/2]) and sliding window (0: none): one
+// position through them all.
+struct DecodeStack {
+  std::vector<DecodeLayer> layers;
+  std::vector<torch::Tensor> cos, sin;
+  std::vector<int64_t> windows;
+
+  torch::Tensor step(torch::Tensor x, const std::vector<torch::Tensor>& k_caches,
+                     const std::vector<torch::Tensor>& v_caches, int64_t pos) const {
+    for (size_t i = 0; i < layers.size(); ++i) {
+      const int64_t start = windows[i] > 0 ? std::max<int64_t>(0, pos + 1 - windows[i]) : 0;
+      x = layers[i].step(x, cos[i][pos], sin[i][pos], k_caches[i], v_caches[i], pos, start);
+    }
+    return x;
+  }
+};
+
 void bind_decode(pybind11::module& m) {
   namespace py = pybind11;
   py::class_<PackedCall>(m, "PackedCall")
@@ -180,4 +197,8 @@ void bind_decode(pybind11::module& m) {
       .def(py::init<PackedCall, PackedCall, PackedCall, PackedCall, std::vector<c10::optional<torch::Tensor>>,
                     std::vector<double>, double, int64_t, int64_t>())
       .def("step", &DecodeLayer::step);
+  py::class_<DecodeStack>(m, "DecodeStack")
+      .def(py::init<std::vector<DecodeLayer>, std::vector<torch::Tensor>, std::vector<torch::Tensor>,
+                    std::vector<int64_t>>())
+      .def("step", &DecodeStack::step);
 }
