@@ -265,14 +265,14 @@ class Decoder:
         x = self.adapter.embed(self.model, ids.to(self.device))
         masks = [kw["attention_mask"] for kw in self.adapter.layer_inputs(self.model, x)] if n > 1 else None
         span = slice(cache.pos, cache.pos + n)
-        fused = self.fused is not None and n == 1 and not self._hooked()
-        if fused:
+        if self.fused is not None and n == 1 and not self._hooked():
             x = self.fused(x, cache.k, cache.v, cache.pos)
-        for i in range(0 if fused else len(self.layers)):
-            if self.fast and n == 1:
-                x = self._fast_step(i, x, cache)
-                continue
-            x = x + self._attention(i, x, cache, None if masks is None else masks[i], span)
-            x = x + self._mlp(i, x)
+        else:
+            for i in range(len(self.layers)):
+                if self.fast and n == 1:
+                    x = self._fast_step(i, x, cache)
+                    continue
+                x = x + self._attention(i, x, cache, None if masks is None else masks[i], span)
+                x = x + self._mlp(i, x)
         cache.pos += n
         return head(self.model, self.norm(x[:, -1]))
