@@ -140,6 +140,7 @@ torch::Tensor glu(torch::Tensor gate_up, int64_t gelu) {
 torch::Tensor matmul(torch::Tensor x, torch::Tensor qweight, torch::Tensor scales, torch::Tensor zero_scales,
                      int64_t bits, int64_t group, bool act8, bool a8_layout, bool vnni);
 
+// A packed linear's decoding matmul: matmul's arguments but x, bound once, and the bias.
 struct PackedCall {
   torch::Tensor qweight, scales, zs;
   c10::optional<torch::Tensor> bias;
@@ -152,6 +153,7 @@ struct PackedCall {
   }
 };
 
+// One layer's one-token step: omniquant.decode.Decoder._fast_step's calls, in its order.
 struct DecodeLayer {
   PackedCall qkv, o, gate_up, down;
   std::vector<c10::optional<torch::Tensor>> norms;  // attn, mlp, attn_out, mlp_out, q, k: weight or none
