@@ -23,8 +23,8 @@ Variants (:func:`bench_variants`), the torch ones decoded by :class:`omniquant.d
 decoding rows rounded to int8, :func:`omniquant.packed.use_int8_activations`: the int8 kernels; it
 also gets ``isa``, the kernels' path (:func:`omniquant.kernels.cpu.a8_isa`), and ``vs_packed_int8``,
 :func:`decode_agreement` against ``packed_int8``), ``packed_hf`` (the packed model through HF's own forward
-and cache, to show what the decoder saves), ``torch_int4`` (CPU, 4-bit: the packed model with bfloat16 activations, so :class:`~omniquant.packed.PackedLinear` runs
-``aten._weight_int4pack_mm_for_cpu``), ``tvm`` (CPU: :mod:`omniquant.mlc.tvm_decoder`), ``tvm_int8``
+and cache, to show what the decoder saves), ``torch_int4`` (CPU, 4-bit: the packed model with bfloat16
+activations, so :class:`~omniquant.packed.PackedLinear` runs ``aten._weight_int4pack_mm_for_cpu``), ``tvm`` (CPU: :mod:`omniquant.mlc.tvm_decoder`), ``tvm_int8``
 (its build of the checkpoint with 8-bit embeddings) and the
 llama.cpp variants of :mod:`omniquant.llamacpp` (CPU, batch 1, a GGUF file each). The packed
 variants also get ``step_ms``: one batch-1 decode step's milliseconds, and in a hooked (unfused) step those
@@ -267,6 +267,12 @@ def _decode(runner: Runner, logits: torch.Tensor, cache: Any, steps: int) -> Non
         logits, cache = runner.step(logits.argmax(-1, keepdim=True), cache)
 
 
+def _decode_tok_s(runner: Runner, prompt: torch.Tensor, tokens: int, device: torch.device) -> float:
+    """One timed run: tokens/s of greedy-decoding ``tokens`` after a prefill of ``prompt`` (untimed)."""
+    logits, cache = runner.prefill(prompt)
+    return prompt.shape[0] * tokens / _timed(lambda: _decode(runner, logits, cache, tokens), device)
+
+
 def step_profile(runner: Runner, prompt: torch.Tensor, steps: int = 32) -> dict[str, float]:
     """Milliseconds per batch-1 decode step after ``prompt``: ``total`` (timed without hooks), and the
     packed linears and the LM head of a second run timed by forward hooks on ``runner.parts``, with
@@ -323,10 +329,7 @@ def benchmark(make_runner: Callable[[], Runner], device: torch.device | str = "c
             _decode(runner, *runner.prefill(prompt), steps=2)  # warm-up of this batch size
             for tokens in cfg.new_tokens:
                 key = f"b{batch}_n{tokens}"
-                runs[key] = []
-                for _ in range(cfg.repeats):
-                    logits, cache = runner.prefill(prompt)
-                    runs[key].append(batch * tokens / _timed(lambda: _decode(runner, logits, cache, tokens), device))
+                runs[key] = [_decode_tok_s(runner, prompt, tokens, device) for _ in range(cfg.repeats)]
                 decode[key] = statistics.median(runs[key])
                 roofline[key] = roofline_frac(decode[key], bandwidth, runner.bytes_per_step / batch)
         peak = memory.peak()
@@ -363,8 +366,7 @@ def alternated(makers: Mapping[str, Callable[[], Runner]], cfg: BenchConfig = Be
     runs: dict[str, list[float]] = {name: [] for name in runners}
     for _ in range(cfg.repeats):
         for name, runner in runners.items():
-            logits, cache = runner.prefill(prompts[name])
-            runs[name].append(tokens / _timed(lambda: _decode(runner, logits, cache, tokens), device))
+            runs[name].append(_decode_tok_s(runner, prompts[name], tokens, device))
     first = runs[next(iter(runs))]
     return {"new_tokens": tokens, "batch": 1, "runs": runs,
             "median_tok_s": {name: statistics.median(r) for name, r in runs.items()},

@@ -201,10 +201,10 @@ def glu(gate_up: torch.Tensor, gelu: bool) -> torch.Tensor:
 
 def decode_layer(qkv: Callable, o: Callable, gate_up: Callable, down: Callable,
                  norms: list[tuple[torch.Tensor, float] | None], scale: float, heads: int, gelu: bool) -> object:
-    """One decoder layer's one-token step in C++, from its four :func:`decoding_matmul` calls and its RMSNorms
-    (weight and eps of ``attn, mlp, attn_out, mlp_out, q, k``; none where the family has none): its
-    ``step(x, cos, sin, k_cache, v_cache, pos, start)`` is ``x`` after the layer, the same calls in the same order
-    as :class:`omniquant.decode.Decoder`'s Python step (so the same numbers)."""
+    """One decoder layer's one-token step in C++ (for :func:`decode_stack`), from its four :func:`decoding_matmul`
+    calls and its RMSNorms (weight and eps of ``attn, mlp, attn_out, mlp_out, q, k``; none where the family has
+    none): the same calls in the same order as :class:`omniquant.decode.Decoder`'s Python step (so the same
+    numbers)."""
     weights, eps = [n and n[0] for n in norms], [n[1] if n else 0.0 for n in norms]
     return _module().DecodeLayer(qkv, o, gate_up, down, weights, eps, scale, heads, int(gelu))
 

@@ -34,7 +34,7 @@
 #include <cstring>
 #include <vector>
 
-float hsum(__m256 v);  // cpu_packed.cpp: the sum of 8 lanes
+#include "simd.h"
 
 #define OMNIQUANT_VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi")))
 

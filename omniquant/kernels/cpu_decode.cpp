@@ -197,8 +197,7 @@ void bind_decode(pybind11::module& m) {
       .def("__call__", &PackedCall::operator());
   py::class_<DecodeLayer>(m, "DecodeLayer")
       .def(py::init<PackedCall, PackedCall, PackedCall, PackedCall, std::vector<c10::optional<torch::Tensor>>,
-                    std::vector<double>, double, int64_t, int64_t>())
-      .def("step", &DecodeLayer::step);
+                    std::vector<double>, double, int64_t, int64_t>());
   py::class_<DecodeStack>(m, "DecodeStack")
       .def(py::init<std::vector<DecodeLayer>, std::vector<torch::Tensor>, std::vector<torch::Tensor>,
                     std::vector<int64_t>>())

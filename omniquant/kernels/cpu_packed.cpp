@@ -24,6 +24,8 @@
 #include <cstring>
 #include <vector>
 
+#include "simd.h"
+
 namespace {
 
 constexpr int WORD = 32;
@@ -70,18 +72,6 @@ inline __m256i decode8(const int32_t* words, int64_t nblocks, int64_t b, int j) 
   }
   return codes;
 }
-
-}  // namespace
-
-// The sum of v's 8 lanes (cpu_a8.cpp's AVX2 path uses it too).
-float hsum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
-
-namespace {
 
 // One output row n against rows r0..r0+R of x. Each row keeps 4/R accumulators (one per 8-code
 // slice of a block), so that 4 independent FMA chains hide the FMA latency whatever R is.
