@@ -83,13 +83,13 @@ class PackedLinear(nn.Module):
 
     def decoding_call(self, path: str) -> Callable[[torch.Tensor], torch.Tensor]:
         """The CPU kernel call of ``path`` (``cpu_matmul`` or ``cpu_matmul_a8``), bias included
-        (:func:`omniquant.kernels.cpu.decoding_matmul`), bound to this layer's tensors on its first use (rebuilt after a
+        (:func:`omniquant.kernels.cpu.decoding_matmul` or ``decoding_matmul_a8``), bound to this layer's tensors on its first use (rebuilt after a
         state-dict load)."""
         if self._decoding is None or self._decoding[0] != path:
-            weight, a8 = self.packed, path == "cpu_matmul_a8"
-            layout = cpu_kernels.a8_layout(weight) if a8 else None
-            self._decoding = (path, cpu_kernels.decoding_matmul(weight, cpu_kernels.zero_scales(weight), a8, layout,
-                                                                bias=self.bias))
+            weight = self.packed
+            call = (cpu_kernels.decoding_matmul_a8(weight, bias=self.bias) if path == "cpu_matmul_a8"
+                    else cpu_kernels.decoding_matmul(weight, cpu_kernels.zero_scales(weight), self.bias))
+            self._decoding = (path, call)
         return self._decoding[1]
 
     def path(self, x: torch.Tensor) -> str:

@@ -26,11 +26,11 @@ from __future__ import annotations
 import functools
 from pathlib import Path
 from types import ModuleType
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 
-from omniquant.packing import PackedWeight
+from omniquant.packing import PackedWeight, planes
 
 SOURCES = [Path(__file__).with_name(name) for name in ("cpu_packed.cpp", "cpu_decode.cpp", "cpu_a8.cpp")]
 CPUINFO = Path("/proc/cpuinfo")
@@ -86,17 +86,23 @@ def matmul(x: torch.Tensor, weight: PackedWeight, zs: torch.Tensor) -> torch.Ten
     return decoding_matmul(weight, zs)(x)
 
 
-def decoding_matmul(weight: PackedWeight, zs: torch.Tensor, int8_activations: bool = False,
-                    qweight_a8: torch.Tensor | None = None, isa: str | None = None,
+def decoding_matmul(weight: PackedWeight, zs: torch.Tensor,
                     bias: torch.Tensor | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
-    """``x ↦`` :func:`matmul` (or with ``int8_activations`` :func:`matmul_a8`) ``(x, weight, zs, ...) + bias``, every
-    argument but ``x`` resolved once (a C++ ``PackedCall``): a decoding step's call, without per-call Python work,
-    which :func:`decode_layer` also takes."""
+    """``x ↦ matmul(x, weight, zs) + bias``, every argument but ``x`` resolved once (a C++ ``PackedCall``): a
+    decoding step's call, without per-call Python work, which :func:`decode_layer` also takes."""
     group = weight.spec.group_size or weight.in_features
-    stream = int8_activations and qweight_a8 is not None and qweight_a8 is not weight.qweight  # the 3-bit a8 layout
-    vnni = int8_activations and a8_isa(isa) == "avx512_vnni"
-    return _module().PackedCall(qweight_a8 if stream else weight.qweight, weight.scales, zs, bias, weight.spec.bits,
-                                group, int8_activations, stream, vnni)
+    return _module().PackedCall(weight.qweight, weight.scales, zs, bias, weight.spec.bits, group, weight.out_features,
+                                False, False)
+
+
+def decoding_matmul_a8(weight: PackedWeight, a8: A8Weight | None = None, isa: str | None = None,
+                       bias: torch.Tensor | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
+    """:func:`decoding_matmul` for :func:`matmul_a8` on path ``isa``, on ``a8`` (default ``a8_layout(weight)``)."""
+    group = weight.spec.group_size or weight.in_features
+    vnni = a8_isa(isa) == "avx512_vnni"
+    a8 = a8_layout(weight) if a8 is None else a8
+    return _module().PackedCall(a8.codes, a8.scales, a8.zero_scales, bias, weight.spec.bits, group,
+                                weight.out_features, True, vnni)
 
 
 def dequantize(weight: PackedWeight) -> torch.Tensor:
@@ -139,39 +145,48 @@ def round_activations(x: torch.Tensor) -> torch.Tensor:
     return (torch.round(blocks * inv) * a).reshape(x.shape)
 
 
-def a8_layout(weight: PackedWeight, isa: str | None = None) -> torch.Tensor:
-    """``weight.qweight`` as :func:`matmul_a8` on path ``isa`` (default :func:`a8_isa`) reads it fastest, the same
-    size; pass it with the same ``isa``. For 3 bits:
+class A8Weight(NamedTuple):
+    """A packed weight in the layout :func:`matmul_a8` reads (:func:`a8_layout`): tiles of 16 output rows (the last
+    one padded with zero rows), each tile's codes block after block of 32 inputs."""
 
-    - ``avx512_vnni``: each row's codes as one contiguous stream, code ``k`` at bits ``3k..3k+2`` (8 codes in 3
-      bytes), which the kernel cuts into bytes 64 codes at a time (VBMI);
-    - ``avx2``: the stored planes, each whole chunk of 256 codes with its high bits reordered: the high bit of
-      code ``4m + j`` (``m = 32h + i``) at bit ``2j + h`` of the chunk's byte ``i``, so that the kernel merges a
-      32-code slice's high bits into its low bits with one shift and a mask (a short last chunk keeps the order).
+    codes: torch.Tensor  # uint8 [tiles, in/32, 64·bits]
+    scales: torch.Tensor  # float32 [tiles, groups, 16]
+    zero_scales: torch.Tensor  # float32 [tiles, groups, 16]: z·s
 
-    Other widths: ``qweight`` itself."""
-    if weight.spec.bits != 3:
-        return weight.qweight
+
+def _tiled_rows(t: torch.Tensor, tiles: int) -> torch.Tensor:
+    """``[out, ...]`` padded with zero rows to ``16·tiles`` and cut into ``[tiles, 16, ...]``."""
+    padded = torch.cat([t, t.new_zeros(16 * tiles - t.shape[0], *t.shape[1:])])
+    return padded.reshape(tiles, 16, *t.shape[1:])
+
+
+def a8_layout(weight: PackedWeight) -> A8Weight:
+    """``weight`` as :func:`matmul_a8` reads it, on every path: its codes in tiles of 16 rows, so that one int32 lane
+    of the kernel's vectors is one output row. A tile holds, block after block (inputs ``32b..32b+31``), each bit
+    plane (widest first, :func:`omniquant.packing.planes`) as ``W`` vectors of 64 bytes for a ``W``-bit plane:
+    byte ``4l + j`` of vector ``v`` holds, at bits ``iW..iW+W-1``, the plane's bits of the tile's row ``l`` at input
+    ``32b + 4(v·8/W + i) + j``. The same size as ``qweight`` (the codes), plus the padding rows; scales and ``z·s``
+    per tile ``[groups, 16]``."""
     codes = weight.codes().to(torch.int64)  # in_features: a multiple of 32
     rows, cols = codes.shape
-    if a8_isa(isa) == "avx512_vnni":
-        triples = (codes.reshape(rows, -1, 8) << (3 * torch.arange(8))).sum(-1)  # 24 bits per 8 codes
-        stream = ((triples.unsqueeze(-1) >> (8 * torch.arange(3))) & 0xFF).to(torch.uint8)
-        return stream.reshape(rows, -1).view(torch.int32).contiguous()
-    whole = cols // 256 * 256
-    high = (codes[:, :whole] >> 2 & 1).reshape(rows, -1, 2, 32, 4)  # [row, chunk, h, i, j]: code 128h + 4i + j
-    reordered = (high.permute(0, 1, 3, 4, 2).reshape(rows, -1, 32, 8) << torch.arange(8)).sum(-1)  # bit 2j + h
-    data = weight.qweight.contiguous().view(torch.uint8).clone()  # [row, bytes]: the 2-bit plane, then the 1-bit one
-    data[:, cols // 4:cols // 4 + whole // 8] = reordered.reshape(rows, -1).to(torch.uint8)
-    return data.view(torch.int32)
+    tiles, blocks = -(-rows // 16), cols // 32
+    steps = _tiled_rows(codes, tiles).reshape(tiles, 16, blocks, 8, 4)  # [tile, l, block, t, j]: input 32b + 4t + j
+    parts = []
+    for width, offset in planes(weight.spec.bits):
+        bits = (steps >> offset & (1 << width) - 1).reshape(tiles, 16, blocks, width, 8 // width, 4)  # t = v·8/W + i
+        packed = (bits << width * torch.arange(8 // width).reshape(-1, 1)).sum(4)  # [tile, l, block, v, j]
+        parts.append(packed.permute(0, 2, 3, 1, 4).reshape(tiles, blocks, 64 * width))
+    per_tile = [_tiled_rows(t, tiles).transpose(1, 2).contiguous()
+                for t in (weight.scales, zero_scales(weight))]
+    return A8Weight(torch.cat(parts, -1).to(torch.uint8).contiguous(), *per_tile)
 
 
-def matmul_a8(x: torch.Tensor, weight: PackedWeight, zs: torch.Tensor, qweight_a8: torch.Tensor | None = None,
+def matmul_a8(x: torch.Tensor, weight: PackedWeight, a8: A8Weight | None = None,
               isa: str | None = None) -> torch.Tensor:
     """:func:`matmul` on ``round_activations(x)``, integer products summed on path ``isa`` (default
-    :func:`a8_isa`; ``in_features`` and the group multiples of 32); ``qweight_a8``: ``a8_layout(weight, isa)``,
-    computed once by the caller (faster for 3 bits)."""
-    return decoding_matmul(weight, zs, True, qweight_a8, isa)(x)
+    :func:`a8_isa`; ``in_features`` and the group multiples of 32); ``a8``: ``a8_layout(weight)``, computed once by
+    the caller (else here, on every call)."""
+    return decoding_matmul_a8(weight, a8, isa)(x)
 
 
 def int8_matmul_a8(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, isa: str | None = None) -> torch.Tensor:

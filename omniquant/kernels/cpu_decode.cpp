@@ -138,17 +138,21 @@ torch::Tensor glu(torch::Tensor gate_up, int64_t gelu) {
 
 // cpu_packed.cpp
 torch::Tensor matmul(torch::Tensor x, torch::Tensor qweight, torch::Tensor scales, torch::Tensor zero_scales,
-                     int64_t bits, int64_t group, bool act8, bool a8_layout, bool vnni);
+                     int64_t bits, int64_t group);
+// cpu_a8.cpp
+torch::Tensor matmul_a8(torch::Tensor x, torch::Tensor codes, torch::Tensor scales, torch::Tensor zero_scales,
+                        int64_t bits, int64_t group, int64_t out, bool vnni);
 
-// A packed linear's decoding matmul: matmul's arguments but x, bound once, and the bias.
+// A packed linear's decoding matmul: matmul's (or with act8 matmul_a8's, on the a8 layout) arguments but x, bound
+// once, and the bias.
 struct PackedCall {
-  torch::Tensor qweight, scales, zs;
+  torch::Tensor codes, scales, zs;
   c10::optional<torch::Tensor> bias;
-  int64_t bits, group;
-  bool act8, a8_layout, vnni;
+  int64_t bits, group, out;
+  bool act8, vnni;
 
   torch::Tensor operator()(const torch::Tensor& x) const {
-    auto y = matmul(x, qweight, scales, zs, bits, group, act8, a8_layout, vnni);
+    auto y = act8 ? matmul_a8(x, codes, scales, zs, bits, group, out, vnni) : matmul(x, codes, scales, zs, bits, group);
     return bias ? y + *bias : y;
   }
 };
@@ -192,7 +196,7 @@ struct DecodeStack {
 void bind_decode(pybind11::module& m) {
   namespace py = pybind11;
   py::class_<PackedCall>(m, "PackedCall")
-      .def(py::init<torch::Tensor, torch::Tensor, torch::Tensor, c10::optional<torch::Tensor>, int64_t, int64_t, bool,
+      .def(py::init<torch::Tensor, torch::Tensor, torch::Tensor, c10::optional<torch::Tensor>, int64_t, int64_t, int64_t,
                     bool, bool>())
       .def("__call__", &PackedCall::operator());
   py::class_<DecodeLayer>(m, "DecodeLayer")

@@ -331,16 +331,15 @@ std::vector<int64_t> out_shape(const torch::Tensor& x, int64_t out) {
 
 }  // namespace
 
-// cpu_a8.cpp: the int8-activation paths (act8; vnni: AVX-512 VNNI and VBMI, else AVX2)
+// cpu_a8.cpp: the int8-activation paths (vnni: AVX-512 VNNI, else AVX2)
 bool has_vnni();
-void matmul_a8(const float* x, int64_t rows, int64_t in, const int32_t* qweight, int64_t words, const float* s,
-               const float* zs, int64_t n_groups, int64_t bits, int64_t group, bool a8_layout, bool vnni, float* y,
-               int64_t out);
+torch::Tensor matmul_a8(torch::Tensor x, torch::Tensor codes, torch::Tensor scales, torch::Tensor zero_scales,
+                        int64_t bits, int64_t group, int64_t out, bool vnni);
 void int8_matmul_a8(const float* x, int64_t rows, int64_t in, const int8_t* q, const float* s, bool vnni, float* y,
                     int64_t out);
 
 torch::Tensor matmul(torch::Tensor x, torch::Tensor qweight, torch::Tensor scales, torch::Tensor zero_scales,
-                     int64_t bits, int64_t group, bool act8, bool a8_layout, bool vnni) {
+                     int64_t bits, int64_t group) {
   const int64_t in = x.size(-1), out = qweight.size(0);
   check_packed(qweight, scales, in, group);
   TORCH_CHECK(qweight.size(1) == in / WORD * bits, "qweight does not hold ", bits, "-bit rows of ", in, " codes");
@@ -350,12 +349,6 @@ torch::Tensor matmul(torch::Tensor x, torch::Tensor qweight, torch::Tensor scale
   auto y = torch::empty({x2.size(0), out}, x.options());
   const int64_t words = qweight.size(1), groups = scales.size(1), rows = x2.size(0);
   const float* xp = x2.data_ptr<float>();
-  if (act8) {
-    TORCH_CHECK(bits >= 1 && bits <= 7, "the kernel handles 1- to 7-bit codes, got ", bits);
-    matmul_a8(xp, rows, in, qweight.data_ptr<int32_t>(), words, scales.data_ptr<float>(), zs.data_ptr<float>(),
-              groups, bits, group, a8_layout, vnni, y.data_ptr<float>(), out);
-    return y.reshape(out_shape(x, out));
-  }
   switch (bits) {
 #define OMNIQUANT_BITS(B)                                                                                    \
   case B:                                                                                                    \
@@ -451,10 +444,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rms_norm", &rms_norm, "RMSNorm over the last dimension (float32)");
   m.def("attend", &attend, "one new position's rotary attention over the KV cache");
   m.def("glu", &glu, "act(gate)·up of a stacked [gate | up] row");
-  m.def("matmul", &matmul, "y = x·Wᵀ on packed codes (a few rows of x; act8: x rounded to int8 per block of 32, "
-        "vnni: by AVX-512 VNNI and VBMI, else AVX2; a8_layout: qweight in omniquant.kernels.cpu.a8_layout)");
+  m.def("matmul", &matmul, "y = x·Wᵀ on packed codes (a few rows of x)");
+  m.def("matmul_a8", &matmul_a8, "y = x·Wᵀ with x rounded to int8 per block of 32, on the codes, scales and z·s of "
+        "omniquant.kernels.cpu.a8_layout (vnni: by AVX-512 VNNI, else AVX2)");
   m.def("dequantize", &dequantize, "the float32 weight (q - z)·s of packed codes");
   m.def("int8_matmul", &int8_matmul, "y = x·(q·s)ᵀ for an int8 weight with per-row scales (act8: x rounded to "
         "int8 per block of 32, vnni: by AVX-512 VNNI, else AVX2)");
-  m.def("has_vnni", &has_vnni, "whether the CPU has AVX-512 VNNI and VBMI (the int8-activation kernels' fast path)");
+  m.def("has_vnni", &has_vnni, "whether the CPU has AVX-512 VNNI (the int8-activation kernels' fast path)");
 }

@@ -32,14 +32,13 @@ def test_round_activations_is_int8_per_block_of_32():
 @pytest.mark.parametrize("cols", [576, 1536])
 def test_matmul_a8_is_the_rounded_input_times_the_weight(spec, cols, isa):
     weight = packed(spec, out=70, cols=cols)
-    zs = cpu.zero_scales(weight)
     reference = weight.dequantize().double()
-    for n in (1, 3):
+    for n in (1, 3, 9):  # 8 rows of x a pass: 9 takes two
         x = rows_of(n, cols)
         expected = cpu.round_activations(x).double() @ reference.T
         scale = (x.double().abs() @ reference.abs().T).max()
-        for layout in (None, cpu.a8_layout(weight, isa)):  # the stored layout, and the one for the fast 3-bit pass
-            got = cpu.matmul_a8(x, weight, zs, layout, isa)
+        for layout in (None, cpu.a8_layout(weight)):  # made by the call, and made once by the caller
+            got = cpu.matmul_a8(x, weight, layout, isa)
             assert got.shape == (n, 70) and got.dtype == torch.float32
             assert (got.double() - expected).abs().max() <= 1e-5 * scale
 
@@ -52,57 +51,51 @@ def test_a8_gives_the_product_at_any_group_size(group, cols, bits, isa):
     x = rows_of(2, cols)
     expected = cpu.round_activations(x).double() @ weight.dequantize().double().T
     scale = (x.double().abs() @ weight.dequantize().double().abs().T).max()
-    got = cpu.matmul_a8(x, weight, cpu.zero_scales(weight), cpu.a8_layout(weight, isa), isa)
+    got = cpu.matmul_a8(x, weight, cpu.a8_layout(weight), isa)
     assert (got.double() - expected).abs().max() <= 1e-5 * scale
 
 
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("spec", [QuantSpec(4, 128), QuantSpec(3, 128), QuantSpec(2, 64)], ids=lambda s: s.tag)
 def test_a8_rows_taken_together_give_what_each_row_gives_alone(spec, isa):
-    weight = packed(spec, out=70, cols=576)  # AVX2 takes 4 rows a pass; 70 leaves a remainder
+    weight = packed(spec, out=70, cols=576)  # tiles of 16 rows; 70 leaves a padded tile
     x = rows_of(2, 576)
-    together = cpu.matmul_a8(x, weight, cpu.zero_scales(weight), cpu.a8_layout(weight, isa), isa)
+    together = cpu.matmul_a8(x, weight, cpu.a8_layout(weight), isa)
     codes, zeros = weight.codes(), weight.zeros()
     for n in range(70):
         row = pack_weight(codes[n:n + 1], weight.scales[n:n + 1], zeros[n:n + 1], spec)
-        alone = cpu.matmul_a8(x, row, cpu.zero_scales(row), cpu.a8_layout(row, isa), isa)
+        alone = cpu.matmul_a8(x, row, cpu.a8_layout(row), isa)
         assert torch.equal(together[:, n:n + 1], alone)
 
 
-@pytest.mark.skipif("avx512_vnni" not in ISAS, reason="the contiguous 3-bit layout is for AVX-512 VBMI")
-@pytest.mark.parametrize("cols", [576, 1536, 256, 32])
-def test_a8_layout_is_a_contiguous_3_bit_stream_of_3_bit_weights_only(cols):
-    weight = packed(QuantSpec(3, 32), out=5, cols=cols)
-    stream = cpu.a8_layout(weight, "avx512_vnni")
-    assert stream.shape == weight.qweight.shape and stream.dtype == torch.int32  # the same size
-    bits = ((stream.view(torch.uint8).long().unsqueeze(-1) >> torch.arange(8)) & 1).reshape(5, -1)
-    codes = (bits.reshape(5, cols, 3) << torch.arange(3)).sum(-1)  # code k at bits 3k..3k+2
-    assert torch.equal(codes, weight.codes().long())
-    four = packed(QuantSpec(4, 128))
-    assert cpu.a8_layout(four) is four.qweight
-
-
-@pytest.mark.parametrize("cols", [576, 1536, 256, 32])
-def test_avx2_a8_layout_reorders_the_high_bits_of_whole_256_code_chunks(cols):
-    weight = packed(QuantSpec(3, 32), out=5, cols=cols)
-    got, stored = cpu.a8_layout(weight, "avx2").view(torch.uint8), weight.qweight.view(torch.uint8)
-    assert got.shape == stored.shape and torch.equal(got[:, :cols // 4], stored[:, :cols // 4])  # the 2-bit plane
-    high, codes = got[:, cols // 4:].long(), weight.codes().long()
-    k = torch.arange(cols)
-    chunk, t = k // 256, k % 256
-    whole = k < cols // 256 * 256  # code 128h + 4i + j of a whole chunk: bit 2j + h of its byte i; the rest in order
-    at = torch.where(whole, 32 * chunk + t % 128 // 4, k // 8)
-    bit = torch.where(whole, 2 * (t % 4) + t // 128, k % 8)
-    assert torch.equal((high[:, at] >> bit) & 1, codes >> 2)
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 7])
+def test_a8_layout_puts_a_tile_row_in_each_int32_lane(bits):
+    weight = packed(QuantSpec(bits, 64), out=21, cols=192)  # 2 tiles, the second padded; 6 blocks, 3 groups
+    a8 = cpu.a8_layout(weight)
+    assert a8.codes.shape == (2, 6, 64 * bits) and a8.codes.dtype == torch.uint8  # the codes' size, plus padding
+    codes, zs = weight.codes().long(), cpu.zero_scales(weight)
+    data = a8.codes.long()
+    for n in (0, 7, 16, 20):
+        tile, lane = divmod(n, 16)
+        for k in (0, 5, 31, 32, 101, 191):
+            block, step, j = k // 32, k % 32 // 4, k % 4
+            code, vector = 0, 0  # the planes' vectors, widest first
+            for width, offset in ((w, sum(v for v in (4, 2, 1) if bits & v and v > w)) for w in (4, 2, 1) if bits & w):
+                v, i = divmod(step, 8 // width)
+                byte = data[tile, block, 64 * (vector + v) + 4 * lane + j]
+                code |= (byte >> i * width & (1 << width) - 1) << offset
+                vector += width
+            assert code == codes[n, k]
+        assert torch.equal(a8.scales[tile, :, lane], weight.scales[n]) and torch.equal(a8.zero_scales[tile, :, lane], zs[n])
+    assert not a8.codes[1, :, :].reshape(6, bits, 16, 4)[:, :, 5:].any() and not a8.scales[1, :, 5:].any()  # padding
 
 
 def test_a8_paths_are_the_ones_this_cpu_runs_and_refuse_the_others():
     assert ISAS[-1] == "avx2" and cpu.a8_isa() == ISAS[0]  # AVX2 is the kernels' floor; the fastest by default
     weight = packed(QuantSpec(4, 32), out=4, cols=64)
-    assert cpu.a8_layout(weight, "avx2") is weight.qweight
     for other in sorted(set(cpu.A8_ISAS) - set(ISAS)) + ["neon"]:
         with pytest.raises(RuntimeError, match=f"path '{other}' does not run on this CPU"):
-            cpu.matmul_a8(rows_of(1, 64), weight, cpu.zero_scales(weight), isa=other)
+            cpu.matmul_a8(rows_of(1, 64), weight, isa=other)
 
 
 @pytest.mark.parametrize("isa", ISAS)
@@ -132,7 +125,7 @@ def test_use_int8_activations_routes_decoding_rows_through_the_int8_kernels(tmp_
     layer = linears[0]
     x = rows_of(1, layer.in_features)
     assert layer.path(x) == "cpu_matmul_a8" and layer.path(rows_of(64, layer.in_features)) == "cpu_dequantize"
-    torch.testing.assert_close(layer(x), cpu.matmul_a8(x, layer.packed, cpu.zero_scales(layer.packed)))
+    torch.testing.assert_close(layer(x), cpu.matmul_a8(x, layer.packed))
     ids = torch.randint(0, 258, (1, 6), generator=torch.Generator().manual_seed(0))
     got, want = Decoder(model, 16), Decoder(reference, 16)
     assert got.layers[0].qkv.int8_activations  # the stacked q/k/v keep the setting
