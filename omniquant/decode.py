@@ -168,6 +168,7 @@ class Decoder:
         self.rope = self._rope_tables()
         self.fast = (self.device.type == "cpu" and self.dtype == torch.float32 and cpu_kernels.unavailable() is None
                      and all(layer.gelu is not None for layer in self.layers))
+        self.linears = [m for layer in self.layers for m in (layer.qkv, layer.o, layer.gate_up, layer.down)]
         self.fused = self._fused_step() if self.fast else None
 
     def _fused_step(self) -> Callable[..., torch.Tensor] | None:
@@ -190,8 +191,7 @@ class Decoder:
     def _hooked(self) -> bool:
         """Whether a forward hook watches a layer's linears (a profile): then the steps call the modules."""
         return bool(torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks) or any(
-            m._forward_hooks or m._forward_pre_hooks
-            for layer in self.layers for m in (layer.qkv, layer.o, layer.gate_up, layer.down))
+            m._forward_hooks or m._forward_pre_hooks for m in self.linears)
 
     def _rope_tables(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Per layer, the first halves of HF's ``(cos, sin)``, ``[max_len, 1, head_dim / 2]`` in the model's

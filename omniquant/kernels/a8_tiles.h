@@ -124,10 +124,7 @@ inline Isa::I block_sum(const Isa::I (&slots)[SLOTS<BITS, R>], std::index_sequen
   return sum;
 }
 
-#ifndef PREFETCH_BYTES
-#define PREFETCH_BYTES 2048
-#endif
-constexpr int64_t PREFETCH = PREFETCH_BYTES;  // how far ahead of its reads the weight stream is asked for
+constexpr int64_t PREFETCH = 2048;  // how far ahead of its reads a tile's weight stream is asked for
 
 // Tile `tile` (its 16 rows of y) against rows r0..r0+R of x.
 template <int BITS, int R>

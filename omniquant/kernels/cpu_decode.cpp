@@ -14,8 +14,12 @@
 #include <ATen/Parallel.h>
 #include <pybind11/stl.h>
 
+#include <immintrin.h>
+
 #include <cmath>
 #include <vector>
+
+#include "simd.h"
 
 namespace {
 
@@ -32,6 +36,16 @@ inline void rotate(float* x, const float* cos, const float* sin, int64_t half) {
     x[i] = a * cos[i] - b * sin[i];
     x[i + half] = b * cos[i] + a * sin[i];
   }
+}
+
+// Σ a[j]·b[j] in 8 lanes (the head dimension: a multiple of 8 takes no scalar tail).
+inline float dot(const float* a, const float* b, int64_t n) {
+  __m256 acc = _mm256_setzero_ps();
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + j), _mm256_loadu_ps(b + j), acc);
+  float sum = hsum(acc);
+  for (; j < n; ++j) sum += a[j] * b[j];
+  return sum;
 }
 
 void check_f32(const torch::Tensor& t, const char* name) {
@@ -86,7 +100,8 @@ torch::Tensor attend(torch::Tensor qkv, torch::Tensor cos, torch::Tensor sin, to
     }
   }
   float* op = out.data_ptr<float>();
-  at::parallel_for(0, b * heads, 1, [&](int64_t begin, int64_t end) {
+  // heads in parallel once the cache is long enough to pay for waking the threads (measured: 128 positions)
+  at::parallel_for(0, b * heads, keys < 128 ? b * heads : 1, [&](int64_t begin, int64_t end) {
     std::vector<float> score(keys);
     for (int64_t i = begin; i < end; ++i) {
       const int64_t s = i / heads, h = i % heads, g = h / rep;
@@ -95,9 +110,7 @@ torch::Tensor attend(torch::Tensor qkv, torch::Tensor cos, torch::Tensor sin, to
       const float* vbase = vc + ((s * kv_heads + g) * max_len + start) * d;
       float top = -INFINITY;
       for (int64_t t = 0; t < keys; ++t) {
-        float dot = 0.f;
-        for (int64_t j = 0; j < d; ++j) dot += q[j] * kbase[t * d + j];
-        score[t] = dot * static_cast<float>(scale);
+        score[t] = dot(q, kbase + t * d, d) * static_cast<float>(scale);
         top = std::max(top, score[t]);
       }
       float total = 0.f;
