@@ -34,24 +34,41 @@ constexpr int BLOCK = 32;  // activation block (codes per int8 scale)
 constexpr int64_t GRAIN = 16;
 constexpr int64_t AHEAD = 4;  // output rows between a row's prefetch and its use
 
-// x rows rounded to int8 per block of 32: xi [rows, in], a [rows, in/32].
+// x rows rounded to int8 per block of 32: xi [rows, in], a [rows, in/32], and each block's Σ xi.
 struct Rounded {
   std::vector<int8_t> xi;
   std::vector<float> a;
+  std::vector<int32_t> sums;
 };
 
+// xi = x·(1/a) rounded to the nearest (ties to even, as std::nearbyint and torch.round), 8 lanes at a time.
 Rounded round_rows(const float* x, int64_t rows, int64_t in) {
-  Rounded out{std::vector<int8_t>(rows * in, 0), std::vector<float>(rows * (in / BLOCK))};
-  for (int64_t r = 0; r < rows; ++r)
-    for (int64_t b = 0; b < in / BLOCK; ++b) {
-      const float* xb = x + r * in + b * BLOCK;
-      float amax = 0.f;
-      for (int i = 0; i < BLOCK; ++i) amax = std::max(amax, std::fabs(xb[i]));
-      const float a = amax / 127.f, inv = a > 0.f ? 1.f / a : 0.f;
-      out.a[r * (in / BLOCK) + b] = a;
-      for (int i = 0; i < BLOCK; ++i)
-        out.xi[r * in + b * BLOCK + i] = static_cast<int8_t>(std::nearbyint(xb[i] * inv));
+  const int64_t blocks = in / BLOCK;
+  Rounded out{std::vector<int8_t>(rows * in), std::vector<float>(rows * blocks), std::vector<int32_t>(rows * blocks)};
+  const __m256 sign = _mm256_set1_ps(-0.f);
+  const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);  // undoes the packs' lane interleave
+  for (int64_t rb = 0; rb < rows * blocks; ++rb) {
+    const float* xb = x + rb * BLOCK;
+    __m256 v[4], top = _mm256_setzero_ps();
+    for (int i = 0; i < 4; ++i) {
+      v[i] = _mm256_loadu_ps(xb + 8 * i);
+      top = _mm256_max_ps(top, _mm256_andnot_ps(sign, v[i]));
     }
+    __m128 m = _mm_max_ps(_mm256_castps256_ps128(top), _mm256_extractf128_ps(top, 1));
+    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    const float a = std::max(_mm_cvtss_f32(m), _mm_cvtss_f32(_mm_movehdup_ps(m))) / 127.f;
+    const __m256 inv = _mm256_set1_ps(a > 0.f ? 1.f / a : 0.f);
+    __m256i q[4];
+    for (int i = 0; i < 4; ++i) q[i] = _mm256_cvtps_epi32(_mm256_mul_ps(v[i], inv));
+    const __m256i bytes = _mm256_permutevar8x32_epi32(
+        _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3])), order);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out.xi.data() + rb * BLOCK), bytes);
+    const __m256i sum = _mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3]));
+    __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(sum), _mm256_extracti128_si256(sum, 1));
+    s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4E));
+    out.sums[rb] = _mm_cvtsi128_si32(_mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xB1)));
+    out.a[rb] = a;
+  }
   return out;
 }
 
@@ -238,17 +255,16 @@ torch::Tensor matmul_a8(torch::Tensor x, torch::Tensor codes, torch::Tensor scal
               "codes must be the a8 layout of ", out, " rows of ", in, " ", bits, "-bit codes");
   TORCH_CHECK(scales.is_contiguous() && zero_scales.is_contiguous() && scales.numel() == tiles * groups * 16 &&
                   zero_scales.numel() == scales.numel(), "scales and z·s must be the a8 layout's [tiles, groups, 16]");
-  auto x2 = x.reshape({-1, in}).contiguous();
-  const int64_t rows = x2.size(0);
-  const Rounded xr = round_rows(x2.data_ptr<float>(), rows, in);
+  const auto xc = x.contiguous();  // no reshapes: each is an autograd dispatch, a tenth of a small call's time
+  const int64_t rows = xc.numel() / in, blocks = in / BLOCK;
+  const Rounded xr = round_rows(xc.data_ptr<float>(), rows, in);
   std::vector<float> xhat_sum(rows * groups, 0.f);
   for (int64_t r = 0; r < rows; ++r)
-    for (int64_t b = 0; b < in / BLOCK; ++b) {
-      int32_t sum = 0;
-      for (int i = 0; i < BLOCK; ++i) sum += xr.xi[r * in + b * BLOCK + i];
-      xhat_sum[r * groups + b * BLOCK / group] += xr.a[r * (in / BLOCK) + b] * static_cast<float>(sum);
-    }
-  auto y = torch::empty({rows, out}, x.options());
+    for (int64_t b = 0; b < blocks; ++b)
+      xhat_sum[r * groups + b * BLOCK / group] += xr.a[r * blocks + b] * static_cast<float>(xr.sums[r * blocks + b]);
+  auto shape = x.sizes().vec();
+  shape.back() = out;
+  auto y = torch::empty(shape, x.options());
   const TileArgs t{codes.data_ptr<uint8_t>(), scales.data_ptr<float>(), zero_scales.data_ptr<float>(), xr.xi.data(),
                    xr.a.data(), xhat_sum.data(), rows, in, out, bits, group, groups, y.data_ptr<float>()};
   at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
@@ -257,9 +273,7 @@ torch::Tensor matmul_a8(torch::Tensor x, torch::Tensor codes, torch::Tensor scal
     else
       avx2::run_tiles(t, begin, end);
   });
-  auto shape = x.sizes().vec();
-  shape.back() = out;
-  return y.reshape(shape);
+  return y;
 }
 
 void int8_matmul_a8(const float* x, int64_t rows, int64_t in, const int8_t* q, const float* s, bool vnni, float* y,

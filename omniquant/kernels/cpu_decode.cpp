@@ -78,7 +78,7 @@ torch::Tensor attend(torch::Tensor qkv, torch::Tensor cos, torch::Tensor sin, to
   TORCH_CHECK(qkv.numel() == b * (heads + 2 * kv_heads) * d, "qkv must hold one position's q, k and v per sequence");
   TORCH_CHECK(pos < max_len && start <= pos && heads % kv_heads == 0, "bad cache position or head counts");
   TORCH_CHECK(cos.numel() == d / 2 && sin.numel() == d / 2, "cos and sin must be the position's half tables");
-  auto work = qkv.reshape({b, heads + 2 * kv_heads, d}).clone();  // q and k are rotated in place
+  auto work = qkv.clone();  // [b, heads + 2·kv_heads, d] as laid out (contiguous); q and k are rotated in place
   auto out = torch::empty({b, heads * d}, qkv.options());
   float *wp = work.data_ptr<float>(), *kc = k_cache.data_ptr<float>(), *vc = v_cache.data_ptr<float>();
   const float *cp = cos.data_ptr<float>(), *sp = sin.data_ptr<float>();
