@@ -14,7 +14,8 @@ fall back silently.
 - :func:`int8_matmul`: ``x @ (q·s)ᵀ`` for an int8 weight with one scale per row (the 8-bit head);
 - :func:`matmul_a8`, :func:`int8_matmul_a8`: the same two products with ``x`` rounded to int8 per
   block of 32 (:func:`round_activations`, as llama.cpp's Q8 activations) and the products summed in
-  int32, by AVX-512 VNNI where the CPU has it (and VBMI), else by AVX2 (:func:`a8_isas`); opt-in
+  int32 on a tiled layout (:func:`a8_layout`), by AVX-512 VNNI where the CPU has it, else by AVX2
+  (:func:`a8_isas`); opt-in
   (:func:`omniquant.packed.use_int8_activations`), since they change the numbers, not only the speed;
 - :func:`rms_norm`, :func:`attend`, :func:`glu`: the norms, the attention of one new position over a
   KV cache, and the gated activation of :class:`omniquant.decode.Decoder`'s one-token steps; :func:`decode_layer`:
@@ -120,7 +121,7 @@ def int8_matmul(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor) -> torch
 @functools.cache
 def a8_isas() -> tuple[str, ...]:
     """The int8-activation paths this CPU runs, fastest first (of :data:`A8_ISAS`): ``avx512_vnni``
-    (AVX-512 F, BW, VL, VNNI and VBMI) and ``avx2``; none where the kernels do not build (:func:`unavailable`)."""
+    (AVX-512 F, BW, VL and VNNI) and ``avx2``; none where the kernels do not build (:func:`unavailable`)."""
     if unavailable() is not None:
         return ()
     return A8_ISAS if _module().has_vnni() else A8_ISAS[1:]
