@@ -83,8 +83,8 @@ class PackedLinear(nn.Module):
 
     def decoding_call(self, path: str) -> Callable[[torch.Tensor], torch.Tensor]:
         """The CPU kernel call of ``path`` (``cpu_matmul`` or ``cpu_matmul_a8``), bias included
-        (:func:`omniquant.kernels.cpu.decoding_matmul` or ``decoding_matmul_a8``), bound to this layer's tensors on its first use (rebuilt after a
-        state-dict load)."""
+        (:func:`omniquant.kernels.cpu.decoding_matmul` or ``decoding_matmul_a8``), bound to this layer's tensors on its
+        first use (rebuilt after a state-dict load)."""
         if self._decoding is None or self._decoding[0] != path:
             weight = self.packed
             call = (cpu_kernels.decoding_matmul_a8(weight, bias=self.bias) if path == "cpu_matmul_a8"

@@ -22,15 +22,23 @@ constexpr int plane_width(int bits, int p) {
     }
   return 0;
 }
-constexpr int plane_offset(int bits, int p) { return p == 0 ? 0 : plane_offset(bits, p - 1) + plane_width(bits, p - 1); }
+constexpr int plane_offset(int bits, int p) {
+  return p == 0 ? 0 : plane_offset(bits, p - 1) + plane_width(bits, p - 1);
+}
 constexpr int n_planes(int bits) { return (bits & 1) + (bits >> 1 & 1) + (bits >> 2 & 1); }
+
+// How far plane p's bits of step t lie above their place in the code (negative: below).
+constexpr int shift_of(int bits, int p, int t) {
+  const int w = plane_width(bits, p);
+  return (t % (8 / w)) * w - plane_offset(bits, p);
+}
 
 // Plane P's bits of step T, at their place in the code.
 template <int BITS, int P, int T>
 inline Isa::I plane_bits(const Isa::I* v) {
   constexpr int W = plane_width(BITS, P), O = plane_offset(BITS, P), PER = 8 / W;
-  constexpr int SHIFT = (T % PER) * W - O;  // right (or left, if negative) onto bit O
-  const Isa::I vec = v[O + T / PER];       // a W-bit plane's vectors follow the wider planes' (O of them)
+  constexpr int SHIFT = shift_of(BITS, P, T);  // right (or left, if negative) onto bit O
+  const Isa::I vec = v[O + T / PER];          // a W-bit plane's vectors follow the wider planes' (O of them)
   const Isa::I moved = SHIFT > 0 ? Isa::template srl<(SHIFT > 0 ? SHIFT : 0)>(vec)
                                  : Isa::template sll<(SHIFT < 0 ? -SHIFT : 0)>(vec);
   return Isa::mask(moved, static_cast<char>(((1 << W) - 1) << O));
@@ -53,10 +61,6 @@ inline Isa::I step_codes(const Isa::I* v, std::index_sequence<P...>) {
 //   plane fewer; it needs vpdpbusd's int32 products (vpmaddubsw's int16 pairs would saturate at 2^s·127).
 template <int R>
 constexpr int CHAINS = R >= 4 ? 1 : 4 / R;
-constexpr int shift_of(int bits, int p, int t) {
-  const int w = plane_width(bits, p);
-  return (t % (8 / w)) * w - plane_offset(bits, p);
-}
 constexpr int shift_min(int bits) {
   int m = 8;
   for (int p = 0; p < n_planes(bits); ++p)

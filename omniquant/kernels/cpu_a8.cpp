@@ -26,8 +26,6 @@
 
 #include "simd.h"
 
-#define OMNIQUANT_VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni")))
-
 namespace {
 
 constexpr int BLOCK = 32;  // activation block (codes per int8 scale)
@@ -83,9 +81,47 @@ struct TileArgs {
   float* y;
 };
 
+// |xi| (u8), the sign masks and the lanes' activation scales of 64-code chunks (the head's input).
+struct HeadX {
+  std::vector<uint8_t> ax;     // [rows, chunks·64]
+  std::vector<uint64_t> neg;   // [rows, chunks]
+  std::vector<float> lane_a;   // [rows, chunks, 16]
+  int64_t chunks;
+};
+
+HeadX head_x(const Rounded& xr, int64_t rows, int64_t in) {
+  HeadX h{{}, {}, {}, (in + 63) / 64};
+  h.ax.assign(rows * h.chunks * 64, 0);
+  h.neg.assign(rows * h.chunks, 0);
+  h.lane_a.assign(rows * h.chunks * 16, 0.f);
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t k = 0; k < in; ++k) {
+      const int8_t v = xr.xi[r * in + k];
+      h.ax[r * h.chunks * 64 + k] = static_cast<uint8_t>(v < 0 ? -v : v);
+      if (v < 0) h.neg[r * h.chunks + k / 64] |= uint64_t(1) << (k % 64);
+      if (k % 4 == 0) h.lane_a[(r * h.chunks + k / 64) * 16 + (k % 64) / 4] = xr.a[r * (in / BLOCK) + k / BLOCK];
+    }
+  return h;
+}
+
+inline __mmask64 byte_mask(int64_t count) { return count >= 64 ? ~__mmask64(0) : (__mmask64(1) << count) - 1; }
+
 namespace avx512 {
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512vnni")
+// Σ_b a[r, b]·Σ_{k∈b} q[n, k]·xi[r, k] for output row qn and row r of x.
+float head_dot512(const HeadX& h, const int8_t* qn, int64_t r, int64_t in) {
+  __m512 acc = _mm512_setzero_ps();
+  for (int64_t c = 0; c < h.chunks; ++c) {
+    const __m512i qv = _mm512_maskz_loadu_epi8(byte_mask(in - c * 64), qn + c * 64);
+    const __m512i signed_q = _mm512_mask_sub_epi8(qv, h.neg[r * h.chunks + c], _mm512_setzero_si512(), qv);
+    const __m512i isum = _mm512_dpbusd_epi32(_mm512_setzero_si512(),
+                                             _mm512_loadu_si512(h.ax.data() + (r * h.chunks + c) * 64), signed_q);
+    acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), _mm512_loadu_ps(h.lane_a.data() + (r * h.chunks + c) * 16), acc);
+  }
+  return _mm512_reduce_add_ps(acc);
+}
+
 struct Isa {
   using I = __m512i;
   using F = __m512;
@@ -108,7 +144,9 @@ struct Isa {
   }
   static F fma_int(F acc, I isum, float a) { return _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), _mm512_set1_ps(a), acc); }
   static F fma(F acc, F v, const float* s) { return _mm512_fmadd_ps(v, _mm512_loadu_ps(s), acc); }
-  static F fnma(F acc, const float* zs, float v) { return _mm512_fnmadd_ps(_mm512_loadu_ps(zs), _mm512_set1_ps(v), acc); }
+  static F fnma(F acc, const float* zs, float v) {
+    return _mm512_fnmadd_ps(_mm512_loadu_ps(zs), _mm512_set1_ps(v), acc);
+  }
   static void store(float* y, F v) { _mm512_storeu_ps(y, v); }
 };
 #include "a8_tiles.h"
@@ -167,48 +205,10 @@ struct Isa {
 #include "a8_tiles.h"
 }  // namespace avx2
 
-inline __mmask64 byte_mask(int64_t count) { return count >= 64 ? ~__mmask64(0) : (__mmask64(1) << count) - 1; }
-
 // The weight rows stream from memory: each row asks for the lines of the row AHEAD of it.
 inline void prefetch_row(const void* row, int64_t bytes) {
   const char* p = static_cast<const char*>(row);
   for (int64_t b = 0; b < bytes; b += 64) _mm_prefetch(p + b, _MM_HINT_T0);
-}
-
-// |xi| (u8), the sign masks and the lanes' activation scales of 64-code chunks (the head's input).
-struct HeadX {
-  std::vector<uint8_t> ax;     // [rows, chunks·64]
-  std::vector<uint64_t> neg;   // [rows, chunks]
-  std::vector<float> lane_a;   // [rows, chunks, 16]
-  int64_t chunks;
-};
-
-HeadX head_x(const Rounded& xr, int64_t rows, int64_t in) {
-  HeadX h{{}, {}, {}, (in + 63) / 64};
-  h.ax.assign(rows * h.chunks * 64, 0);
-  h.neg.assign(rows * h.chunks, 0);
-  h.lane_a.assign(rows * h.chunks * 16, 0.f);
-  for (int64_t r = 0; r < rows; ++r)
-    for (int64_t k = 0; k < in; ++k) {
-      const int8_t v = xr.xi[r * in + k];
-      h.ax[r * h.chunks * 64 + k] = static_cast<uint8_t>(v < 0 ? -v : v);
-      if (v < 0) h.neg[r * h.chunks + k / 64] |= uint64_t(1) << (k % 64);
-      if (k % 4 == 0) h.lane_a[(r * h.chunks + k / 64) * 16 + (k % 64) / 4] = xr.a[r * (in / BLOCK) + k / BLOCK];
-    }
-  return h;
-}
-
-// Σ_b a[r, b]·Σ_{k∈b} q[n, k]·xi[r, k] for output row qn and row r of x.
-OMNIQUANT_VNNI float head_dot512(const HeadX& h, const int8_t* qn, int64_t r, int64_t in) {
-  __m512 acc = _mm512_setzero_ps();
-  for (int64_t c = 0; c < h.chunks; ++c) {
-    const __m512i qv = _mm512_maskz_loadu_epi8(byte_mask(in - c * 64), qn + c * 64);
-    const __m512i signed_q = _mm512_mask_sub_epi8(qv, h.neg[r * h.chunks + c], _mm512_setzero_si512(), qv);
-    const __m512i isum = _mm512_dpbusd_epi32(_mm512_setzero_si512(),
-                                             _mm512_loadu_si512(h.ax.data() + (r * h.chunks + c) * 64), signed_q);
-    acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), _mm512_loadu_ps(h.lane_a.data() + (r * h.chunks + c) * 16), acc);
-  }
-  return _mm512_reduce_add_ps(acc);
 }
 
 // head_dot512 on AVX2: a block of 32 is one activation scale, |xi|·(q with xi's sign) by vpsignb.
@@ -232,7 +232,8 @@ void int8_a8_rows(const Rounded& xr, const HeadX* h, const int8_t* q, const floa
   for (int64_t n = begin; n < end; ++n) {
     if (n + AHEAD < end) prefetch_row(q + (n + AHEAD) * in, in);
     const int8_t* qn = q + n * in;
-    for (int64_t r = 0; r < rows; ++r) y[r * out + n] = (h ? head_dot512(*h, qn, r, in) : head_dot2(xr, qn, r, in)) * s[n];
+    for (int64_t r = 0; r < rows; ++r)
+      y[r * out + n] = (h ? avx512::head_dot512(*h, qn, r, in) : head_dot2(xr, qn, r, in)) * s[n];
   }
 }
 

@@ -209,8 +209,8 @@ struct DecodeStack {
 void bind_decode(pybind11::module& m) {
   namespace py = pybind11;
   py::class_<PackedCall>(m, "PackedCall")
-      .def(py::init<torch::Tensor, torch::Tensor, torch::Tensor, c10::optional<torch::Tensor>, int64_t, int64_t, int64_t,
-                    bool, bool>())
+      .def(py::init<torch::Tensor, torch::Tensor, torch::Tensor, c10::optional<torch::Tensor>, int64_t, int64_t,
+                    int64_t, bool, bool>())
       .def("__call__", &PackedCall::operator());
   py::class_<DecodeLayer>(m, "DecodeLayer")
       .def(py::init<PackedCall, PackedCall, PackedCall, PackedCall, std::vector<c10::optional<torch::Tensor>>,

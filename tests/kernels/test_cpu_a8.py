@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from omniquant.kernels import cpu
-from omniquant.packing import int8_rows, pack_weight
+from omniquant.packing import int8_rows, pack_weight, planes
 from omniquant.quantizer import QuantSpec
 
 from test_cpu_kernels import LAYOUTS, packed, rows_of
@@ -80,13 +80,14 @@ def test_a8_layout_puts_a_tile_row_in_each_int32_lane(bits):
         for k in (0, 5, 31, 32, 101, 191):
             block, step, j = k // 32, k % 32 // 4, k % 4
             code, vector = 0, 0  # the planes' vectors, widest first
-            for width, offset in ((w, sum(v for v in (4, 2, 1) if bits & v and v > w)) for w in (4, 2, 1) if bits & w):
+            for width, offset in planes(bits):
                 v, i = divmod(step, 8 // width)
                 byte = data[tile, block, 64 * (vector + v) + 4 * lane + j]
                 code |= (byte >> i * width & (1 << width) - 1) << offset
                 vector += width
             assert code == codes[n, k]
-        assert torch.equal(a8.scales[tile, :, lane], weight.scales[n]) and torch.equal(a8.zero_scales[tile, :, lane], zs[n])
+        assert torch.equal(a8.scales[tile, :, lane], weight.scales[n])
+        assert torch.equal(a8.zero_scales[tile, :, lane], zs[n])
     assert not a8.codes[1, :, :].reshape(6, bits, 16, 4)[:, :, 5:].any() and not a8.scales[1, :, 5:].any()  # padding
 
 
