@@ -89,6 +89,15 @@ def _wait_healthy(base: str, seconds: float = 60) -> None:
     raise UserError(f"mlflow server did not answer {base}/health within {seconds:.0f} s")
 
 
+def _group_alive(group: int) -> bool:
+    """Whether any process of process group ``group`` is still running."""
+    try:
+        os.killpg(group, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
 class DevTools:
     """One headless Chromium page driven over the DevTools pipe (fds 3 and 4, NUL-terminated JSON)."""
 
@@ -101,7 +110,8 @@ class DevTools:
         self._recv, from_child = os.pipe()
         self._pid = os.posix_spawn(exe, [exe, *FLAGS, f"--user-data-dir={self._profile.name}"], os.environ, file_actions=[
             (os.POSIX_SPAWN_DUP2, to_child, 3), (os.POSIX_SPAWN_DUP2, from_child, 4),  # where Chromium looks
-            (os.POSIX_SPAWN_OPEN, 1, os.devnull, os.O_WRONLY, 0), (os.POSIX_SPAWN_OPEN, 2, os.devnull, os.O_WRONLY, 0)])
+            (os.POSIX_SPAWN_OPEN, 1, os.devnull, os.O_WRONLY, 0), (os.POSIX_SPAWN_OPEN, 2, os.devnull, os.O_WRONLY, 0)],
+            setsid=True)  # its own process group: close() ends the helpers too
         os.close(to_child)
         os.close(from_child)
         self._timeout, self._next, self._buffer, self._session = timeout, 0, b"", None
@@ -163,10 +173,17 @@ class DevTools:
         out.write_bytes(base64.b64decode(data))
 
     def close(self) -> None:
+        """End Chromium and every helper process it started, then delete its profile."""
         os.close(self._send)
-        os.kill(self._pid, signal.SIGTERM)
+        os.killpg(self._pid, signal.SIGTERM)
         os.waitpid(self._pid, 0)
         os.close(self._recv)
+        deadline = time.monotonic() + 10  # helpers still writing into the profile would make its removal fail
+        while _group_alive(self._pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if _group_alive(self._pid):  # (or zombies nobody reaps, which write nothing)
+            os.killpg(self._pid, signal.SIGKILL)
+            time.sleep(0.5)
         self._profile.cleanup()
 
     def __enter__(self) -> "DevTools":
