@@ -1,5 +1,5 @@
 """Content keys: short hashes of what a result depends on (tensors, configs, files), for resume state,
-caches and records."""
+caches and records; and safetensors files whose bytes depend on their content alone."""
 from __future__ import annotations
 
 import hashlib
@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 import torch
+from safetensors.torch import save_file
 
 
 def content_hash(value: Any) -> str:
@@ -42,3 +43,23 @@ def files_hash(paths: Iterable[Path]) -> str:
             for chunk in iter(lambda: fh.read(1 << 24), b""):
                 digest.update(chunk)
     return digest.hexdigest()[:16]
+
+
+def save_tensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str]) -> Path:
+    """Write ``tensors`` and ``metadata`` to safetensors file ``path`` through ``path``.partial (no half-written
+    file under ``path``), its header's keys sorted: safetensors writes the metadata in hash-map order, which
+    changes from one process to the next, and DVC would see the same content as a new file."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".partial")
+    save_file(tensors, str(tmp), metadata=metadata)
+    with open(tmp, "r+b") as fh:
+        size = int.from_bytes(fh.read(8), "little")
+        header = json.loads(fh.read(size))
+        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+        canonical = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+        if len(canonical) > size:
+            raise RuntimeError(f"{path}: the sorted safetensors header is longer than the written one")
+        fh.seek(8)
+        fh.write(canonical.ljust(size))  # safetensors pads its header with spaces
+    tmp.replace(path)
+    return path

@@ -47,10 +47,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from omniquant.arch import packable_adapter
+from omniquant.content import save_tensors
 from omniquant.errors import UserError
 from omniquant.quantizer import QuantSpec, dequantize_weight
 
@@ -278,10 +279,7 @@ def save_packed(path: str | Path, model: nn.Module, qparams: dict[str, dict[str,
     path = Path(path)
     tensors, header = pack_model(model, qparams, spec, embedding_bits)
     meta = {"format": FORMAT, "format_version": str(FORMAT_VERSION), "header": json.dumps(header)}
-    tmp = path.with_name(path.name + ".partial")
-    save_file(tensors, str(tmp), metadata=meta)
-    tmp.replace(path)
-    return path
+    return save_tensors(tensors, path, meta)
 
 
 def load_packed(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

@@ -8,10 +8,10 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from omniquant import act_stats as act_stats_lib
-from omniquant.content import content_hash
+from omniquant.content import content_hash, save_tensors
 from omniquant.errors import UserError
 from omniquant.layout import Cell
 from omniquant.models.loading import source_key
@@ -47,7 +47,4 @@ def act_stats(cfg: DictConfig) -> Path:
     windows = load_file(str(cell.calib_file))["input_ids"]
     stats = act_stats_lib.collect(model, windows)
     cell.act_stats_file.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cell.act_stats_file.with_suffix(".partial")
-    save_file(stats, str(tmp), metadata=stats_key(cfg, windows))
-    tmp.replace(cell.act_stats_file)
-    return cell.act_stats_file
+    return save_tensors(stats, cell.act_stats_file, stats_key(cfg, windows))

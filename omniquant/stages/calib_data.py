@@ -6,9 +6,9 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from omniquant import data as datalib
+from omniquant.content import save_tensors
 from omniquant.errors import UserError
 from omniquant.layout import Cell
 from omniquant.models.loading import source_key
@@ -58,10 +58,7 @@ def calib_data(cfg: DictConfig) -> Path:
     tokenizer = AutoTokenizer.from_pretrained(base_checkpoint(cfg))
     windows = sample_calibration(cfg, tokenizer)
     cell.calib_file.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cell.calib_file.with_suffix(".partial")
     meta = {k: str(v) for k, v in OmegaConf.to_container(cfg.data.calib, resolve=True).items()}
     meta["split"] = calib_split(cfg)
-    save_file({"input_ids": windows.contiguous()}, str(tmp),
-              metadata=meta | {"seed": str(cfg.seed), "model": source_key(cfg.model)})
-    tmp.replace(cell.calib_file)
-    return cell.calib_file
+    return save_tensors({"input_ids": windows.contiguous()}, cell.calib_file,
+                        meta | {"seed": str(cfg.seed), "model": source_key(cfg.model)})
