@@ -45,7 +45,7 @@ def files_hash(paths: Iterable[Path]) -> str:
     return digest.hexdigest()[:16]
 
 
-def save_tensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str]) -> Path:
+def save_tensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> Path:
     """Write ``tensors`` and ``metadata`` to safetensors file ``path`` through ``path``.partial (no half-written
     file under ``path``), its header's keys sorted: safetensors writes the metadata in hash-map order, which
     changes from one process to the next, and DVC would see the same content as a new file."""
@@ -54,9 +54,8 @@ def save_tensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: d
     save_file(tensors, str(tmp), metadata=metadata)
     with open(tmp, "r+b") as fh:
         size = int.from_bytes(fh.read(8), "little")
-        header = json.loads(fh.read(size))
-        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
-        canonical = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+        canonical = json.dumps(json.loads(fh.read(size)), sort_keys=True, separators=(",", ":"),
+                               ensure_ascii=False).encode()
         if len(canonical) > size:
             raise RuntimeError(f"{path}: the sorted safetensors header is longer than the written one")
         fh.seek(8)

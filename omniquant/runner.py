@@ -23,14 +23,14 @@ from typing import Any, Callable, ContextManager, Sequence
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 from tqdm.auto import tqdm
 
 from omniquant import __version__
 from omniquant.arch import Adapter, adapter_of
 from omniquant.block import BlockConfig, QuantBlock
-from omniquant.content import content_hash
+from omniquant.content import content_hash, save_tensors
 from omniquant.errors import Interrupted
 from omniquant.metrics import peak_rss_gb
 from omniquant.setting import QuantSetting
@@ -93,12 +93,6 @@ def _peak_mem_gb(device: torch.device) -> float:
     return torch.cuda.max_memory_allocated(device) / 1024**3 if device.type == "cuda" else peak_rss_gb()
 
 
-def _atomic_save(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    tmp = path.with_suffix(".tmp")
-    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp))
-    os.replace(tmp, path)
-
-
 class State:
     """Per-block resume files: ``block_XXX.safetensors`` (the fused layer's weights, qparams, learned
     parameters), ``chain.safetensors`` (the chains after that block) and ``progress.json``, which holds
@@ -149,8 +143,8 @@ class State:
         if self.root is None:
             return
         self.root.mkdir(parents=True, exist_ok=True)
-        _atomic_save(block, self.root / f"block_{i:03d}.safetensors")
-        _atomic_save(chain, self.root / "chain.safetensors")
+        for tensors, name in ((block, f"block_{i:03d}.safetensors"), (chain, "chain.safetensors")):
+            save_tensors({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, self.root / name)
         tmp = self.root / "progress.json.tmp"
         tmp.write_text(json.dumps({"parts": self.parts, "next_block": i + 1}, indent=1, sort_keys=True))
         os.replace(tmp, self.root / "progress.json")

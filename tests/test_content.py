@@ -36,6 +36,6 @@ def test_the_file_reads_back_and_its_header_is_sorted(tmp_path):
     with safe_open(str(path), framework="pt") as f:
         assert f.metadata() == meta
         assert all(torch.equal(f.get_tensor(k), v) for k, v in tensors.items())
-    size = int.from_bytes(path.read_bytes()[:8], "little")
-    header = json.loads(path.read_bytes()[8:8 + size])
+    data = path.read_bytes()
+    header = json.loads(data[8:8 + int.from_bytes(data[:8], "little")])
     assert list(header) == sorted(header) and list(header["__metadata__"]) == sorted(meta)
