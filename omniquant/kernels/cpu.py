@@ -31,7 +31,7 @@ from typing import Callable, NamedTuple
 
 import torch
 
-from omniquant.packing import PackedWeight, planes
+from omniquant.packing import PackedWeight
 
 SOURCES = [Path(__file__).with_name(name) for name in ("cpu_packed.cpp", "cpu_decode.cpp", "cpu_a8.cpp")]
 CPUINFO = Path("/proc/cpuinfo")
@@ -161,25 +161,31 @@ def _tiled_rows(t: torch.Tensor, tiles: int) -> torch.Tensor:
     return padded.reshape(tiles, 16, *t.shape[1:])
 
 
+def a8_fields(bits: int) -> list[tuple[int, int, int, int, int]]:
+    """Where the a8 layout keeps ``bits``-bit codes (``a8_fields.h``, the kernels' own table): ``(vec, pos, width,
+    step, offset)`` per field, ``width`` bits of step ``step``'s code from code bit ``offset``, at bits
+    ``pos..pos+width-1`` of the bytes of vector ``vec`` of a block. Whole codes where they fit (1, 2 and 4 bits: only
+    those); the steps left over split into the bytes' free high bits (3 bits: 10 fields for 8 steps)."""
+    return [tuple(f) for f in _module().a8_fields(bits)]
+
+
 def a8_layout(weight: PackedWeight) -> A8Weight:
     """``weight`` as :func:`matmul_a8` reads it, on every path: its codes in tiles of 16 rows, so that one int32 lane
-    of the kernel's vectors is one output row. A tile holds, block after block (inputs ``32b..32b+31``), each bit
-    plane (widest first, :func:`omniquant.packing.planes`) as ``W`` vectors of 64 bytes for a ``W``-bit plane:
-    byte ``4l + j`` of vector ``v`` holds, at bits ``iW..iW+W-1``, the plane's bits of the tile's row ``l`` at input
-    ``32b + 4(v·8/W + i) + j``. The same size as ``qweight`` (the codes), plus the padding rows; scales and ``z·s``
-    per tile ``[groups, 16]``."""
+    of the kernel's vectors is one output row. A tile holds, block after block (inputs ``32b..32b+31``), ``bits``
+    vectors of 64 bytes: byte ``4l + j`` of each holds fields (:func:`a8_fields`) of the tile's row ``l``'s codes at
+    inputs ``32b + 4t + j``, ``t = 0..7``. The same size as ``qweight`` (the codes), plus the padding rows; scales
+    and ``z·s`` per tile ``[groups, 16]``."""
     codes = weight.codes().to(torch.int64)  # in_features: a multiple of 32
     rows, cols = codes.shape
-    tiles, blocks = -(-rows // 16), cols // 32
+    tiles, blocks, bits = -(-rows // 16), cols // 32, weight.spec.bits
     steps = _tiled_rows(codes, tiles).reshape(tiles, 16, blocks, 8, 4)  # [tile, l, block, t, j]: input 32b + 4t + j
-    parts = []
-    for width, offset in planes(weight.spec.bits):
-        bits = (steps >> offset & (1 << width) - 1).reshape(tiles, 16, blocks, width, 8 // width, 4)  # t = v·8/W + i
-        packed = (bits << width * torch.arange(8 // width).reshape(-1, 1)).sum(4)  # [tile, l, block, v, j]
-        parts.append(packed.permute(0, 2, 3, 1, 4).reshape(tiles, blocks, 64 * width))
+    vectors = torch.zeros(tiles, 16, blocks, bits, 4, dtype=torch.int64)
+    for vec, pos, width, step, offset in a8_fields(bits):
+        vectors[:, :, :, vec] |= (steps[:, :, :, step] >> offset & (1 << width) - 1) << pos
     per_tile = [_tiled_rows(t, tiles).transpose(1, 2).contiguous()
                 for t in (weight.scales, zero_scales(weight))]
-    return A8Weight(torch.cat(parts, -1).to(torch.uint8).contiguous(), *per_tile)
+    codes8 = vectors.permute(0, 2, 3, 1, 4).reshape(tiles, blocks, 64 * bits).to(torch.uint8).contiguous()
+    return A8Weight(codes8, *per_tile)
 
 
 def matmul_a8(x: torch.Tensor, weight: PackedWeight, a8: A8Weight | None = None,

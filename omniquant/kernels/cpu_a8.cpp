@@ -24,6 +24,7 @@
 #include <utility>
 #include <vector>
 
+#include "a8_fields.h"
 #include "simd.h"
 
 namespace {
@@ -238,6 +239,17 @@ void int8_a8_rows(const Rounded& xr, const HeadX* h, const int8_t* q, const floa
 }
 
 }  // namespace
+
+std::vector<std::vector<int64_t>> a8_field_table(int64_t bits) {
+  TORCH_CHECK(bits >= 1 && bits <= 7, "the a8 layout holds 1- to 7-bit codes, got ", bits);
+  const A8Fields fields = a8_fields(static_cast<int>(bits));
+  std::vector<std::vector<int64_t>> table;
+  for (int i = 0; i < fields.count; ++i) {
+    const A8Field& f = fields.at[i];
+    table.push_back({f.vec, f.pos, f.width, f.step, f.offset});
+  }
+  return table;
+}
 
 bool has_vnni() {
   static const bool yes = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&

@@ -18,6 +18,7 @@
 // with x on its own and the sums are weighted at the group's end.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
+#include <pybind11/stl.h>
 #include <immintrin.h>
 
 #include <array>
@@ -333,6 +334,7 @@ std::vector<int64_t> out_shape(const torch::Tensor& x, int64_t out) {
 
 // cpu_a8.cpp: the int8-activation paths (vnni: AVX-512 VNNI, else AVX2)
 bool has_vnni();
+std::vector<std::vector<int64_t>> a8_field_table(int64_t bits);
 torch::Tensor matmul_a8(torch::Tensor x, torch::Tensor codes, torch::Tensor scales, torch::Tensor zero_scales,
                         int64_t bits, int64_t group, int64_t out, bool vnni);
 void int8_matmul_a8(const float* x, int64_t rows, int64_t in, const int8_t* q, const float* s, bool vnni, float* y,
@@ -450,5 +452,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("dequantize", &dequantize, "the float32 weight (q - z)·s of packed codes");
   m.def("int8_matmul", &int8_matmul, "y = x·(q·s)ᵀ for an int8 weight with per-row scales (act8: x rounded to "
         "int8 per block of 32, vnni: by AVX-512 VNNI, else AVX2)");
+  m.def("a8_fields", &a8_field_table, "the fields of a8_fields.h for bits-bit codes: [vec, pos, width, step, offset]");
   m.def("has_vnni", &has_vnni, "whether the CPU has AVX-512 VNNI (the int8-activation kernels' fast path)");
 }

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from omniquant.kernels import cpu
-from omniquant.packing import int8_rows, pack_weight, planes
+from omniquant.packing import int8_rows, pack_weight
 from omniquant.quantizer import QuantSpec
 
 from test_cpu_kernels import LAYOUTS, packed, rows_of
@@ -68,6 +68,21 @@ def test_a8_rows_taken_together_give_what_each_row_gives_alone(spec, isa):
         assert torch.equal(together[:, n:n + 1], alone)
 
 
+@pytest.mark.parametrize("bits", range(1, 8))
+def test_a8_fields_hold_each_step_code_once_in_bits_bytes(bits):
+    fields = cpu.a8_fields(bits)
+    used = torch.zeros(bits, 8, dtype=torch.int64)  # [vec, bit of the byte]
+    held = torch.zeros(8, bits, dtype=torch.int64)  # [step, bit of the code]
+    for vec, pos, width, step, offset in fields:
+        assert 0 <= pos - offset <= 7 and pos + width <= 8  # a field read in place is its bits times 2^(0..7)
+        used[vec, pos:pos + width] += 1
+        held[step, offset:offset + width] += 1
+    assert (used == 1).all() and (held == 1).all()  # 8 codes of `bits` bits fill `bits` bytes, each bit once
+    whole = [f for f in fields if f[2] == bits]
+    assert len(whole) == min(8, 8 // bits * bits)  # whole codes where they fit
+    assert len(fields) == {1: 8, 2: 8, 3: 10, 4: 8}.get(bits, len(fields))  # 3 bits: 10 dot products, planes 16
+
+
 @pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 7])
 def test_a8_layout_puts_a_tile_row_in_each_int32_lane(bits):
     weight = packed(QuantSpec(bits, 64), out=21, cols=192)  # 2 tiles, the second padded; 6 blocks, 3 groups
@@ -79,12 +94,11 @@ def test_a8_layout_puts_a_tile_row_in_each_int32_lane(bits):
         tile, lane = divmod(n, 16)
         for k in (0, 5, 31, 32, 101, 191):
             block, step, j = k // 32, k % 32 // 4, k % 4
-            code, vector = 0, 0  # the planes' vectors, widest first
-            for width, offset in planes(bits):
-                v, i = divmod(step, 8 // width)
-                byte = data[tile, block, 64 * (vector + v) + 4 * lane + j]
-                code |= (byte >> i * width & (1 << width) - 1) << offset
-                vector += width
+            code = 0
+            for vec, pos, width, at, offset in cpu.a8_fields(bits):
+                if at == step:
+                    byte = data[tile, block, 64 * vec + 4 * lane + j]
+                    code |= (byte >> pos & (1 << width) - 1) << offset
             assert code == codes[n, k]
         assert torch.equal(a8.scales[tile, :, lane], weight.scales[n])
         assert torch.equal(a8.zero_scales[tile, :, lane], zs[n])

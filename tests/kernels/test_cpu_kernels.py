@@ -103,9 +103,10 @@ def test_decode_helpers_match_the_torch_ops():
     torch.testing.assert_close(cpu.glu(gate_up, True), F.gelu(gate, approximate="tanh") * up)
 
 
-def test_attend_rotates_caches_and_attends_like_sdpa():
+@pytest.mark.parametrize("d, pos", [(8, 6), (64, 14), (72, 9)])  # keys 5, 13, 8: whole fours and the rest
+def test_attend_rotates_caches_and_attends_like_sdpa(d, pos):
     gen = torch.Generator().manual_seed(6)
-    b, heads, kv, d, max_len, pos = 2, 4, 2, 8, 10, 6
+    b, heads, kv, max_len = 2, 4, 2, 16
     k_cache, v_cache = torch.randn(b, kv, max_len, d, generator=gen), torch.randn(b, kv, max_len, d, generator=gen)
     qkv = torch.randn(b, (heads + 2 * kv) * d, generator=gen)
     angle = torch.rand(d // 2, generator=gen)
