@@ -213,7 +213,15 @@ struct PackedCall {
   }
 };
 
-// One layer's one-token step: omniquant.decode.Decoder._fast_step's calls, in its order.
+// x += y elementwise (the residual adds: in place, no ATen dispatch; the same float sums as x + y).
+void add_into(torch::Tensor& x, const torch::Tensor& y) {
+  TORCH_CHECK(x.numel() == y.numel() && y.is_contiguous(), "a residual add needs two tensors of one size");
+  float* xp = x.data_ptr<float>();
+  map8(xp, y.data_ptr<float>(), xp, x.numel(), [](__m256 a, __m256 b) { return _mm256_add_ps(a, b); });
+}
+
+// One layer's one-token step: omniquant.decode.Decoder._fast_step's calls, in its order; x (the stack's own copy)
+// takes the residual adds in place.
 struct DecodeLayer {
   PackedCall qkv, o, gate_up, down;
   std::vector<c10::optional<torch::Tensor>> norms;  // attn, mlp, attn_out, mlp_out, q, k: weight or none
@@ -223,12 +231,12 @@ struct DecodeLayer {
 
   torch::Tensor norm(int i, const torch::Tensor& t) const { return norms[i] ? ::rms_norm(t, *norms[i], eps[i]) : t; }
 
-  torch::Tensor step(torch::Tensor x, torch::Tensor cos, torch::Tensor sin, torch::Tensor k_cache,
-                     torch::Tensor v_cache, int64_t pos, int64_t start) const {
-    auto out = ::attend(qkv(norm(0, x)), cos, sin, k_cache, v_cache, pos, start, scale, heads, norms[4], norms[5],
-                      norms[4] ? eps[4] : 0.0);
-    x = x + norm(2, o(out.unsqueeze(1)));
-    return x + norm(3, down(::glu(gate_up(norm(1, x)), gelu)));
+  void step(torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin, const torch::Tensor& k_cache,
+            const torch::Tensor& v_cache, int64_t pos, int64_t start) const {
+    const auto out = ::attend(qkv(norm(0, x)), cos, sin, k_cache, v_cache, pos, start, scale, heads, norms[4],
+                              norms[5], norms[4] ? eps[4] : 0.0);
+    add_into(x, norm(2, o(out)));
+    add_into(x, norm(3, down(::glu(gate_up(norm(1, x)), gelu))));
   }
 };
 
@@ -239,11 +247,13 @@ struct DecodeStack {
   std::vector<torch::Tensor> cos, sin;
   std::vector<int64_t> windows;
 
-  torch::Tensor step(torch::Tensor x, const std::vector<torch::Tensor>& k_caches,
+  torch::Tensor step(const torch::Tensor& x0, const std::vector<torch::Tensor>& k_caches,
                      const std::vector<torch::Tensor>& v_caches, int64_t pos) const {
+    check_f32(x0, "x");
+    auto x = x0.clone();
     for (size_t i = 0; i < layers.size(); ++i) {
       const int64_t start = windows[i] > 0 ? std::max<int64_t>(0, pos + 1 - windows[i]) : 0;
-      x = layers[i].step(x, cos[i][pos], sin[i][pos], k_caches[i], v_caches[i], pos, start);
+      layers[i].step(x, cos[i][pos], sin[i][pos], k_caches[i], v_caches[i], pos, start);
     }
     return x;
   }
