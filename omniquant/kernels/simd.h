@@ -15,9 +15,9 @@ inline float hsum(__m256 v) {
 }
 
 // e^x in 8 lanes: Cephes' expf (x = n·ln2 + r, |r| ≤ ln2/2, a degree-7 polynomial in r, times 2^n), relative error
-// about 2e-7; x is clamped to [-87.3, 88.7] (so e^x stays a normal float), and a NaN stays NaN.
+// about 2e-7; x is clamped to [-87.3, 88.3] (so e^x stays a normal float), and a NaN stays NaN.
 inline __m256 exp8(__m256 x) {
-  x = _mm256_max_ps(_mm256_set1_ps(-87.3f), _mm256_min_ps(_mm256_set1_ps(88.7f), x));  // NaN: the second operand
+  x = _mm256_max_ps(_mm256_set1_ps(-87.3f), _mm256_min_ps(_mm256_set1_ps(88.3f), x));  // NaN: the second operand
   const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);

@@ -125,3 +125,14 @@ def test_attend_rotates_caches_and_attends_like_sdpa(d, pos):
     expected = F.scaled_dot_product_attention(rotate(q)[:, :, None], k0[:, :, 2:pos + 1], v0[:, :, 2:pos + 1],
                                               scale=d ** -0.5, enable_gqa=True)
     torch.testing.assert_close(out, expected.reshape(b, heads * d), rtol=1e-5, atol=1e-5)
+
+
+def test_decode_helpers_keep_nan_and_saturate_exp():
+    gate_up = torch.tensor([[float("nan"), 200.0, -200.0, 0.0, 1.0, 1.0, 1.0, 1.0]])
+    silu = cpu.glu(gate_up, False)[0]
+    assert silu[0].isnan() and silu[1] == 200.0 and -1e-30 < silu[2] < 0 and silu[3] == 0.0  # e^x clamped, finite
+    qkv = torch.zeros(1, 3 * 8)
+    qkv[0, 0] = float("nan")
+    k_cache, v_cache = torch.zeros(1, 1, 4, 8), torch.ones(1, 1, 4, 8)
+    out = cpu.attend(qkv, torch.ones(4), torch.zeros(4), k_cache, v_cache, 2, 0, 1.0, 1)
+    assert out.isnan().all()  # a NaN query poisons its head instead of being dropped by the softmax's max
