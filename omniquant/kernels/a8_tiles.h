@@ -45,10 +45,10 @@ inline Isa::I step_code(const Isa::I* v, std::index_sequence<F...>) {
 //   would saturate at 2^shift·127).
 template <int R>
 constexpr int CHAINS = R >= 4 ? 1 : 4 / R;
-constexpr bool shift_used(int bits, int s) {
-  const A8Fields fields = a8_fields(bits);
-  for (int i = 0; i < fields.count; ++i)
-    if (fields.at[i].shift() == s) return true;
+template <int BITS>
+constexpr bool shift_used(int s) {
+  for (int i = 0; i < LAYOUT<BITS>.count; ++i)
+    if (LAYOUT<BITS>.at[i].shift() == s) return true;
   return false;
 }
 template <int R>
@@ -90,7 +90,8 @@ inline Isa::I slot_sum(Isa::I sum) {
 template <int BITS, int R, size_t... S>
 inline Isa::I block_sum(const Isa::I (&slots)[SLOTS<R>], std::index_sequence<S...>) {
   Isa::I sum = Isa::zero_i();
-  ((sum = !FIELDS<R> || shift_used(BITS, static_cast<int>(S)) ? Isa::add(sum, slot_sum<R, static_cast<int>(S)>(slots[S])) : sum),
+  ((sum = !FIELDS<R> || shift_used<BITS>(static_cast<int>(S)) ? Isa::add(sum, slot_sum<R, static_cast<int>(S)>(slots[S]))
+                                                           : sum),
    ...);
   return sum;
 }

@@ -131,12 +131,10 @@ struct Isa {
   static F zero_f() { return _mm512_setzero_ps(); }
   static I load(const uint8_t* p) { return _mm512_loadu_si512(p); }
   template <int N> static I srl(I v) { return _mm512_srli_epi16(v, N); }
-  template <int N> static I sll(I v) { return _mm512_slli_epi16(v, N); }
   static I mask(I v, char m) { return _mm512_and_si512(v, _mm512_set1_epi8(m)); }
   static I or_(I a, I b) { return _mm512_or_si512(a, b); }
   static I add(I a, I b) { return _mm512_add_epi32(a, b); }
   template <int N> static I sra32(I v) { return _mm512_srai_epi32(v, N); }
-  template <int N> static I sll32(I v) { return _mm512_slli_epi32(v, N); }
   // acc + per lane Σ_{j<4} code byte j·x[j]
   static I dot4(I acc, I code, const int8_t* x) {
     int32_t four;
@@ -170,7 +168,6 @@ struct Isa {
             _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 32))};
   }
   template <int N> static I srl(I v) { return {_mm256_srli_epi16(v.lo, N), _mm256_srli_epi16(v.hi, N)}; }
-  template <int N> static I sll(I v) { return {_mm256_slli_epi16(v.lo, N), _mm256_slli_epi16(v.hi, N)}; }
   static I mask(I v, char m) {
     const __m256i k = _mm256_set1_epi8(m);
     return {_mm256_and_si256(v.lo, k), _mm256_and_si256(v.hi, k)};
@@ -178,7 +175,6 @@ struct Isa {
   static I or_(I a, I b) { return {_mm256_or_si256(a.lo, b.lo), _mm256_or_si256(a.hi, b.hi)}; }
   static I add(I a, I b) { return {_mm256_add_epi32(a.lo, b.lo), _mm256_add_epi32(a.hi, b.hi)}; }
   template <int N> static I sra32(I v) { return {_mm256_srai_epi32(v.lo, N), _mm256_srai_epi32(v.hi, N)}; }
-  template <int N> static I sll32(I v) { return {_mm256_slli_epi32(v.lo, N), _mm256_slli_epi32(v.hi, N)}; }
   static I dot4(I acc, I code, const int8_t* x) {
     int32_t four;
     std::memcpy(&four, x, 4);

@@ -66,6 +66,12 @@ inline void weigh_rows(const float* p, const float* v, int64_t keys, int64_t d, 
   for (int i = 0; i < C; ++i) _mm256_storeu_ps(o + 8 * i, acc[i]);
 }
 
+// A mask of the first n (< 8) float lanes.
+inline __m256 first_lanes(int64_t n) {
+  return _mm256_castsi256_ps(
+      _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(n)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)));
+}
+
 // One head's attention: softmax(q·kᵀ·scale)·v over `keys` cached rows (d apart, d a multiple of 8), into o.
 void attend_head(const float* q, const float* k, const float* v, int64_t keys, int64_t d, float scale, float* o,
                  std::vector<float>& score) {
@@ -86,9 +92,7 @@ void attend_head(const float* q, const float* k, const float* v, int64_t keys, i
   for (t = 0; t < keys; t += 8) {
     const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(score.data() + t), shift));
     _mm256_storeu_ps(score.data() + t, e);
-    sum = _mm256_add_ps(sum, t + 8 <= keys ? e : _mm256_and_ps(e, _mm256_castsi256_ps(_mm256_cmpgt_epi32(
-                                                     _mm256_set1_epi32(static_cast<int>(keys - t)),
-                                                     _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)))));
+    sum = _mm256_add_ps(sum, t + 8 <= keys ? e : _mm256_and_ps(e, first_lanes(keys - t)));  // the tail: keys only
   }
   int64_t j = 0;
   for (; j + 64 <= d; j += 64) weigh_rows<8>(score.data(), v + j, keys, d, o + j);
