@@ -10,9 +10,12 @@ A variant is a :class:`Runner`: a prefill (prompt → last logits + KV cache) an
 - ``peak_mem_gb``: peak memory while building and running the variant, above what was in use
   before (``torch.cuda.max_memory_allocated`` on GPU, the process's peak RSS on CPU);
 - ``weight_bytes`` (all stored tensors), ``bytes_per_step`` (weights read per decode step: all
-  but an untied input embedding), ``bandwidth_gb_s`` (:func:`memory_bandwidth`);
-- ``roofline_frac``: per decode key, ``tok/s ÷ (batch · bandwidth / bytes_per_step)``, the share
-  of the weight-streaming bound (KV cache and activations not counted);
+  but an untied input embedding);
+- ``decode_gb_s``: per decode key, the weight bytes the decode streamed per second
+  (``tok/s · bytes_per_step / batch``; KV cache and activations not counted);
+- ``bandwidth_gb_s``: the median of the copy bandwidths (:func:`memory_bandwidth`) sampled through the run,
+  before each variant and once at the end (:class:`Bandwidth`), the samples in ``bandwidth_samples_gb_s``;
+- ``roofline_frac``: per decode key, ``decode_gb_s / bandwidth_gb_s``, the share of the weight-streaming bound;
 - ``device``: the CPU model or GPU name;
 - ``decode_skipped``: ``{"b{batch}_n{tokens}": reason}`` for batches above the runner's ``max_batch``.
 
@@ -112,9 +115,31 @@ def memory_bandwidth(device: torch.device | str, nbytes: int = 512 * 2**20, repe
     return 2 * src.numel() * 4 / best
 
 
-def roofline_frac(tok_s: float, bandwidth: float, bytes_per_token: float) -> float:
-    """Achieved tokens/s over the weight-streaming bound ``bandwidth / bytes_per_token``."""
-    return tok_s / (bandwidth / bytes_per_token)
+class Bandwidth:
+    """The copy bandwidth sampled through one benchmark run (:meth:`sample`: one :func:`memory_bandwidth`).
+
+    A shared VM's bandwidth drifts by half within seconds, so one measurement makes a poor roofline: the
+    roofline's denominator is the median of the run's samples (:meth:`apply`)."""
+
+    def __init__(self, device: torch.device | str, nbytes: int = 512 * 2**20):
+        self.device, self.nbytes, self.samples = torch.device(device), nbytes, []
+
+    def sample(self) -> None:
+        self.samples.append(memory_bandwidth(self.device, self.nbytes))
+
+    def median(self) -> float:
+        """The samples' median in bytes/s."""
+        if not self.samples:
+            raise ValueError("no bandwidth sample was taken")
+        return statistics.median(self.samples)
+
+    def report(self) -> dict[str, Any]:
+        return {"bandwidth_gb_s": self.median() / GB, "bandwidth_samples_gb_s": [b / GB for b in self.samples]}
+
+    def apply(self, result: dict[str, Any]) -> dict[str, Any]:
+        """``result`` (of :func:`benchmark`) with the run's bandwidth and each decode key's roofline share."""
+        return result | self.report() | {
+            "roofline_frac": {key: gb_s * GB / self.median() for key, gb_s in result["decode_gb_s"].items()}}
 
 
 class _PeakMemory:
@@ -304,22 +329,25 @@ def step_profile(runner: Runner, prompt: torch.Tensor, steps: int = 32) -> dict[
 
 
 def benchmark(make_runner: Callable[[], Runner], device: torch.device | str = "cpu",
-              cfg: BenchConfig = BenchConfig(), bandwidth: float | None = None, seed: int = 0,
+              cfg: BenchConfig = BenchConfig(), bandwidth: Bandwidth | None = None, seed: int = 0,
               profile: bool = False) -> dict[str, Any]:
     """Build a variant with ``make_runner`` and time it (keys: module docstring); ``profile`` adds
     ``step_ms`` (:func:`step_profile`, batch 1) after the timed runs.
 
-    ``bandwidth`` (bytes/s) defaults to :func:`memory_bandwidth` measured now.
+    Samples ``bandwidth`` first. Without one, it samples its own before and after, and reports the roofline;
+    with one, the caller applies it (:meth:`Bandwidth.apply`) once the run's samples are all in.
     """
     device = torch.device(device)
-    bandwidth = bandwidth or memory_bandwidth(device, cfg.bandwidth_bytes)
+    own = bandwidth is None
+    bandwidth = bandwidth or Bandwidth(device, cfg.bandwidth_bytes)
+    bandwidth.sample()
     gen = torch.Generator().manual_seed(seed)
     with _PeakMemory(device) as memory:
         runner = make_runner()
         ids = torch.randint(0, runner.vocab_size, (1, cfg.prefill_len), generator=gen)
         runner.prefill(ids[:, :8])  # warm-up (lazy kernel setup, allocator)
         prefill_s = statistics.median(_timed(lambda: runner.prefill(ids), device) for _ in range(cfg.repeats))
-        decode, roofline, skipped, runs = {}, {}, {}, {}
+        decode, streamed, skipped, runs = {}, {}, {}, {}
         for batch in cfg.batches:
             if runner.max_batch is not None and batch > runner.max_batch:
                 skipped |= {f"b{batch}_n{tokens}": f"batch {batch} > {runner.max_batch}: {runner.max_batch_reason}"
@@ -331,24 +359,27 @@ def benchmark(make_runner: Callable[[], Runner], device: torch.device | str = "c
                 key = f"b{batch}_n{tokens}"
                 runs[key] = [_decode_tok_s(runner, prompt, tokens, device) for _ in range(cfg.repeats)]
                 decode[key] = statistics.median(runs[key])
-                roofline[key] = roofline_frac(decode[key], bandwidth, runner.bytes_per_step / batch)
+                streamed[key] = decode[key] * runner.bytes_per_step / batch / GB
         peak = memory.peak()
         steps = step_profile(runner, torch.randint(0, runner.vocab_size, (1, cfg.prompt_len), generator=gen),
                              min(32, max(cfg.new_tokens))) if profile and runner.parts else None
-    return {
+    result = {
         "prefill_tok_s": cfg.prefill_len / prefill_s,
         "decode_tok_s": decode,
         "decode_runs": runs,
+        "decode_gb_s": streamed,
         "peak_mem_gb": peak / GB,
         "weight_bytes": runner.weight_bytes,
         "bytes_per_step": runner.bytes_per_step,
-        "bandwidth_gb_s": bandwidth / GB,
-        "roofline_frac": roofline,
         "device": device_name(device),
         **({"decode_skipped": skipped} if skipped else {}),
         **({"step_ms": steps} if steps else {}),
         **runner.extra,
     }
+    if own:
+        bandwidth.sample()
+        return bandwidth.apply(result)
+    return result
 
 
 def alternated(makers: Mapping[str, Callable[[], Runner]], cfg: BenchConfig = BenchConfig(), seed: int = 0,
@@ -419,10 +450,14 @@ def dense_model(packed_path: str | Path) -> nn.Module:
 
 def bench_variants(packed_path: str | Path, device: torch.device | str = "cpu",
                    variants: tuple[str, ...] = VARIANTS, cfg: BenchConfig = BenchConfig(),
-                   ggufs: Mapping[str, Path] | None = None, int8_path: str | Path | None = None) -> dict[str, dict]:
+                   ggufs: Mapping[str, Path] | None = None, int8_path: str | Path | None = None,
+                   bandwidth: Bandwidth | None = None) -> dict[str, dict]:
     """Benchmark each variant of a packed checkpoint (``fp``: :func:`dense_model`; ``packed_int8``: the
     checkpoint with 8-bit embeddings at ``int8_path``; a llama.cpp variant: its file in ``ggufs``, on
-    ``torch.get_num_threads()`` threads); a variant that cannot run here is ``{"skipped": <reason>}``."""
+    ``torch.get_num_threads()`` threads); a variant that cannot run here is ``{"skipped": <reason>}``.
+
+    The bandwidth is sampled before each variant and once at the end, and every variant's roofline takes the
+    median; with ``bandwidth`` given, the samples go there and the caller applies it."""
     device = torch.device(device)
     unknown = set(variants) - set(VARIANTS)
     if unknown:
@@ -432,7 +467,8 @@ def bench_variants(packed_path: str | Path, device: torch.device | str = "cpu",
     if without:
         raise UserError(f"benchmark variants {without} need their GGUF file")
     dtype = torch.float16 if device.type == "cuda" else torch.float32
-    bandwidth = memory_bandwidth(device, cfg.bandwidth_bytes)
+    own = bandwidth is None
+    bandwidth = bandwidth or Bandwidth(device, cfg.bandwidth_bytes)
     tvm_dir = tempfile.mkdtemp(prefix="omniquant-tvm-")
     n_ctx = max(cfg.prefill_len, cfg.prompt_len + max(cfg.new_tokens))  # a cache or context: the longest sequence
     builders: dict[str, Callable[[], Runner]] = {
@@ -466,12 +502,20 @@ def bench_variants(packed_path: str | Path, device: torch.device | str = "cpu",
             results[name] = benchmark(builders[name], device, cfg, bandwidth, profile=name in PROFILED)
         except UserError as err:
             results[name] = {"skipped": str(err)}
+    if own:
+        bandwidth.sample()
+        results = _applied(bandwidth, results)
     if "skipped" not in results.get("packed_a8", {"skipped": ""}):
         results["packed_a8"]["isa"] = cpu_kernels.a8_isa()
         if "packed_int8" in variants:
             results["packed_a8"]["vs_packed_int8"] = decode_agreement(
                 builders["packed_int8"], builders["packed_a8"], cfg.prompt_len, max(cfg.new_tokens))
     return results
+
+
+def _applied(bandwidth: Bandwidth, results: dict[str, dict]) -> dict[str, dict]:
+    """Each timed variant of ``results`` with ``bandwidth`` applied (:meth:`Bandwidth.apply`); skipped ones as they are."""
+    return {name: r if "skipped" in r else bandwidth.apply(r) for name, r in results.items()}
 
 
 def decode_agreement(make_reference: Callable[[], Runner], make_other: Callable[[], Runner], prompt_len: int,
@@ -507,26 +551,28 @@ def bits_sweep(config: PretrainedConfig, settings: list[QuantSetting], cfg: Benc
     the dense float model once, and llama.cpp on ``gguf`` if given (the same threads); with ``gguf``, also
     ``alternated``: the first setting's ``packed_a8`` and llama.cpp timed in turns (:func:`alternated`)."""
     out = Path(work_dir or tempfile.mkdtemp(prefix="omniquant-sweep-"))
-    bandwidth = memory_bandwidth("cpu", cfg.bandwidth_bytes)
-    results: dict[str, Any] = {"device": device_name("cpu"), "bandwidth_gb_s": bandwidth / GB, "settings": {}}
-    int8_paths = []
+    bandwidth = Bandwidth("cpu", cfg.bandwidth_bytes)
+    results: dict[str, Any] = {"device": device_name("cpu")}
+    benched, bits, int8_paths = {}, {}, []
     for i, setting in enumerate(settings):
         made = random_packed_model(config, setting, out / f"{setting.name}.safetensors")
         int8 = random_packed_model(config, setting, out / f"{setting.name}-int8.safetensors", embedding_bits=8)
         int8_paths.append(int8["path"])
         variants = ("packed", "packed_int8", "packed_a8") + (("fp",) if i == 0 else ())
-        benched = bench_variants(made["path"], "cpu", variants, cfg, int8_path=int8["path"])
-        if i == 0:
-            results["fp"] = benched.pop("fp")
-        bits = bits_per_weight(load_packed_model(made["path"]))
-        results["settings"][setting.name] = {"bits_per_weight": bits} | benched
+        benched[setting.name] = bench_variants(made["path"], "cpu", variants, cfg, int8_path=int8["path"],
+                                               bandwidth=bandwidth)
+        bits[setting.name] = bits_per_weight(load_packed_model(made["path"]))
         results |= {"note": made["note"], "parameters": made["parameters"]}
+    others = {"fp": benched[settings[0].name].pop("fp")}
     if gguf is not None:
         n_ctx = max(cfg.prefill_len, cfg.prompt_len + max(cfg.new_tokens))
         llama = functools.partial(llamacpp.gguf_runner, gguf, torch.get_num_threads(), n_ctx)
-        results["llama_cpp"] = {"gguf": Path(gguf).name} | benchmark(llama, "cpu", cfg, bandwidth)
-        if "skipped" not in results["settings"][settings[0].name]["packed_a8"]:
-            ours = f"{settings[0].name} packed_a8"
-            results["alternated"] = alternated(
-                {ours: lambda: decoder_runner(int8_activation_model(int8_paths[0]), n_ctx), "llama_cpp": llama}, cfg)
+        others["llama_cpp"] = {"gguf": Path(gguf).name} | benchmark(llama, "cpu", cfg, bandwidth)
+    bandwidth.sample()
+    results |= bandwidth.report() | _applied(bandwidth, others) | {"settings": {
+        name: {"bits_per_weight": bits[name]} | _applied(bandwidth, r) for name, r in benched.items()}}
+    if gguf is not None and "skipped" not in benched[settings[0].name]["packed_a8"]:
+        ours = f"{settings[0].name} packed_a8"
+        results["alternated"] = alternated(
+            {ours: lambda: decoder_runner(int8_activation_model(int8_paths[0]), n_ctx), "llama_cpp": llama}, cfg)
     return results

@@ -9,6 +9,7 @@ import torch
 
 from omniquant.bench import (
     PROFILED,
+    Bandwidth,
     BenchConfig,
     Runner,
     alternated,
@@ -19,7 +20,6 @@ from omniquant.bench import (
     hf_runner,
     memory_bandwidth,
     random_packed_model,
-    roofline_frac,
 )
 from omniquant.kernels import cpu as cpu_kernels
 from omniquant.models.tiny import tiny_llama
@@ -28,7 +28,8 @@ from omniquant.setting import QuantSetting
 
 TINY = BenchConfig(prefill_len=32, batches=(1, 2), new_tokens=(2, 4), prompt_len=4, bandwidth_bytes=8 * 2**20,
                    repeats=2)
-KEYS = {"prefill_tok_s", "decode_tok_s", "peak_mem_gb", "weight_bytes", "roofline_frac", "device"}
+KEYS = {"prefill_tok_s", "decode_tok_s", "decode_gb_s", "peak_mem_gb", "weight_bytes", "bandwidth_gb_s",
+        "bandwidth_samples_gb_s", "roofline_frac", "device"}
 
 
 @pytest.fixture(scope="module")
@@ -41,9 +42,26 @@ def packed(tmp_path_factory):
     return made
 
 
-def test_roofline_fraction():
-    assert roofline_frac(50.0, 100e9, 1e9) == pytest.approx(0.5)  # bound: 100 GB/s / 1 GB per token
-    assert roofline_frac(8 * 25.0, 100e9, 1e9 / 8) == pytest.approx(0.25)  # batch 8 reads weights once per 8 tokens
+def test_the_roofline_takes_the_median_of_the_runs_bandwidth_samples(monkeypatch):
+    bandwidth = Bandwidth("cpu")
+    with pytest.raises(ValueError, match="no bandwidth sample"):
+        bandwidth.median()
+    measured = iter([100e9, 300e9, 200e9])  # a VM whose bandwidth jumps: the median, not the best or the last
+    monkeypatch.setattr("omniquant.bench.memory_bandwidth", lambda device, nbytes: next(measured))
+    for _ in range(3):
+        bandwidth.sample()
+    result = bandwidth.apply({"decode_gb_s": {"b1_n128": 50.0, "b8_n128": 100.0}, "prefill_tok_s": 1.0})
+    assert result["bandwidth_gb_s"] == 200.0 and result["bandwidth_samples_gb_s"] == [100.0, 300.0, 200.0]
+    assert result["roofline_frac"] == {"b1_n128": 0.25, "b8_n128": 0.5} and result["prefill_tok_s"] == 1.0
+
+
+def test_a_variant_run_samples_the_bandwidth_before_each_variant_and_at_the_end(packed, monkeypatch):
+    calls = []
+    monkeypatch.setattr("omniquant.bench.memory_bandwidth", lambda device, nbytes: calls.append(nbytes) or 1e9 * len(calls))
+    results = bench_variants(packed[4]["path"], variants=("fp", "packed"), cfg=TINY)
+    assert calls == [TINY.bandwidth_bytes] * 3
+    for r in results.values():
+        assert r["bandwidth_samples_gb_s"] == [1.0, 2.0, 3.0] and r["bandwidth_gb_s"] == 2.0
 
 
 def test_device_name_is_the_cpu_model_or_the_gpu_name(tmp_path, monkeypatch):
@@ -81,8 +99,11 @@ def test_variants_report_the_documented_keys(packed):
         assert set(r["decode_tok_s"]) == {"b1_n2", "b1_n4", "b2_n2", "b2_n4"}
         for key, tok_s in r["decode_tok_s"].items():
             batch = int(key[1:key.index("_")])
+            assert r["decode_gb_s"][key] == pytest.approx(tok_s * r["bytes_per_step"] / batch / 1e9)
             bound = batch * r["bandwidth_gb_s"] * 1e9 / r["bytes_per_step"]
             assert tok_s > 0 and r["roofline_frac"][key] == pytest.approx(tok_s / bound)
+        assert r["bandwidth_gb_s"] == pytest.approx(statistics.median(r["bandwidth_samples_gb_s"]))
+        assert len(r["bandwidth_samples_gb_s"]) == len(variants) + 1
     assert results["packed"]["weight_bytes"] < results["fp"]["weight_bytes"]
     assert results["packed_int8"]["bytes_per_step"] < results["packed"]["bytes_per_step"]
     if "tvm_int8" in results:
