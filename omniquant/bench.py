@@ -475,7 +475,7 @@ def bench_variants(packed_path: str | Path, device: torch.device | str = "cpu",
         "fp": lambda: decoder_runner(dense_model(packed_path).to(device=device, dtype=dtype), n_ctx),
         "packed": lambda: decoder_runner(packed_model(packed_path, device, dtype), n_ctx),
         "packed_int8": lambda: decoder_runner(packed_model(int8_path, device, dtype), n_ctx),
-        "packed_a8": lambda: decoder_runner(int8_activation_model(int8_path), n_ctx),
+        "packed_a8": lambda: _a8_runner(int8_path, n_ctx),
         "packed_hf": lambda: hf_runner(packed_model(packed_path, device, dtype)),
         "torch_int4": lambda: decoder_runner(torch_int4_model(packed_path), n_ctx),
         "tvm": lambda: tvm_runner(packed_path, tvm_dir),
@@ -548,8 +548,9 @@ def bits_sweep(config: PretrainedConfig, settings: list[QuantSetting], cfg: Benc
                gguf: str | Path | None = None, work_dir: str | Path | None = None) -> dict[str, Any]:
     """Decode speed against bits on one machine, in one run: random-weight packed models of
     ``config``'s shape at each setting (with and without 8-bit embeddings, :func:`random_packed_model`),
-    the dense float model once, and llama.cpp on ``gguf`` if given (the same threads); with ``gguf``, also
-    ``alternated``: the first setting's ``packed_a8`` and llama.cpp timed in turns (:func:`alternated`)."""
+    the dense float model once, and llama.cpp on ``gguf`` if given (the same threads); and ``alternated``: every
+    setting's ``packed_a8`` (and llama.cpp with ``gguf``) timed in turns (:func:`alternated`), the fair comparison
+    of the settings' order on a machine whose speed drifts."""
     out = Path(work_dir or tempfile.mkdtemp(prefix="omniquant-sweep-"))
     bandwidth = Bandwidth("cpu", cfg.bandwidth_bytes)
     results: dict[str, Any] = {"device": device_name("cpu")}
@@ -564,15 +565,20 @@ def bits_sweep(config: PretrainedConfig, settings: list[QuantSetting], cfg: Benc
         bits[setting.name] = bits_per_weight(load_packed_model(made["path"]))
         results |= {"note": made["note"], "parameters": made["parameters"]}
     others = {"fp": benched[settings[0].name].pop("fp")}
+    n_ctx = max(cfg.prefill_len, cfg.prompt_len + max(cfg.new_tokens))
     if gguf is not None:
-        n_ctx = max(cfg.prefill_len, cfg.prompt_len + max(cfg.new_tokens))
         llama = functools.partial(llamacpp.gguf_runner, gguf, torch.get_num_threads(), n_ctx)
         others["llama_cpp"] = {"gguf": Path(gguf).name} | benchmark(llama, "cpu", cfg, bandwidth)
     bandwidth.sample()
     results |= bandwidth.report() | _applied(bandwidth, others) | {"settings": {
         name: {"bits_per_weight": bits[name]} | _applied(bandwidth, r) for name, r in benched.items()}}
-    if gguf is not None and "skipped" not in benched[settings[0].name]["packed_a8"]:
-        ours = f"{settings[0].name} packed_a8"
-        results["alternated"] = alternated(
-            {ours: lambda: decoder_runner(int8_activation_model(int8_paths[0]), n_ctx), "llama_cpp": llama}, cfg)
+    if "skipped" not in benched[settings[0].name]["packed_a8"]:
+        makers = {f"{setting.name} packed_a8": functools.partial(_a8_runner, path, n_ctx)
+                  for setting, path in zip(settings, int8_paths)}
+        results["alternated"] = alternated(makers | ({"llama_cpp": llama} if gguf is not None else {}), cfg)
     return results
+
+
+def _a8_runner(int8_path: str | Path, n_ctx: int) -> Runner:
+    """The ``packed_a8`` variant of a checkpoint with 8-bit embeddings."""
+    return decoder_runner(int8_activation_model(int8_path), n_ctx)

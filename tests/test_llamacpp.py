@@ -164,19 +164,20 @@ def test_smollm2_source_gguf_agrees_with_our_fp_checkpoint(make_cfg, data_root, 
 
 
 @needs_llama_cpp
-def test_a_bits_sweep_with_a_gguf_times_w4_a8_and_llama_cpp_in_turns(tiny, tmp_path):
+def test_a_bits_sweep_with_a_gguf_times_every_settings_a8_and_llama_cpp_in_turns(tiny, tmp_path):
     from omniquant.bench import bits_sweep
     from omniquant.kernels import cpu as cpu_kernels
 
     if cpu_kernels.unavailable() is not None:
         pytest.skip(f"CPU kernels: {cpu_kernels.unavailable()}")
     cfg = BenchConfig(prefill_len=8, batches=(1,), new_tokens=(2,), prompt_len=4, bandwidth_bytes=8 * 2**20, repeats=2)
-    sweep = bits_sweep(tiny[0].config, [W4G32], cfg, tiny[1], tmp_path)
-    samples = sweep["bandwidth_samples_gb_s"]  # before each variant (fp, packed, packed_int8, packed_a8, llama.cpp), at the end
-    assert len(samples) == 6 and sweep["bandwidth_gb_s"] == statistics.median(samples)
+    sweep = bits_sweep(tiny[0].config, [W4G32, QuantSetting(2, 16, 32)], cfg, tiny[1], tmp_path)
+    samples = sweep["bandwidth_samples_gb_s"]  # before each variant (fp, 2 × packed, packed_int8, packed_a8, llama.cpp), at the end
+    assert len(samples) == 9 and sweep["bandwidth_gb_s"] == statistics.median(samples)
     setting = sweep["settings"]["w4a16g32"]
     assert all(r["bandwidth_gb_s"] == sweep["bandwidth_gb_s"] for r in (
         sweep["fp"], sweep["llama_cpp"], setting["packed"], setting["packed_int8"], setting["packed_a8"]))
     both = sweep["alternated"]
-    assert list(both["runs"]) == ["w4a16g32 packed_a8", "llama_cpp"] and all(len(r) == 2 for r in both["runs"].values())
+    assert list(both["runs"]) == ["w4a16g32 packed_a8", "w2a16g32 packed_a8", "llama_cpp"]
+    assert all(len(r) == 2 for r in both["runs"].values())
     assert both["ratio_to_first"]["w4a16g32 packed_a8"] == 1.0 and both["ratio_to_first"]["llama_cpp"] > 0
