@@ -407,7 +407,12 @@ def table3(speed: Sequence[Metrics], mlc: Sequence[Metrics], ppl: Sequence[Metri
                                                                                          m["method"])
                 llama_notes.append(_llama_cpp_note(m, variant, r, fake.get(ref, {})))
     notes = [f"decode columns: batch b, n new tokens (greedy); roofline: decode tokens/s at {keys[0] if keys else '–'} "
-             "over (measured memory bandwidth ÷ weight bytes read per token), in %."]
+             "over (memory bandwidth ÷ weight bytes read per token), in %; the bandwidth: the median of the copy "
+             "bandwidths sampled through the cell's run."]
+    once = sorted(f"{m['model']} {m['setting']} {m['method']}" for m in speed
+                  if not any("bandwidth_samples_gb_s" in v for v in m["variants"].values()))
+    if once:
+        notes.append(f"measured once, before the median was taken (older runs): {', '.join(once)}.")
     for (model, setting, method), b in sorted(builds.items()):
         notes.append(f"{model} {setting} {method}: TVM llvm build {b.get('llvm_status')}"
                      + (f", {b['llvm_build_s']:.0f} s, logits max abs error prefill {b['llvm_prefill_max_abs_err']:.1e}"

@@ -156,6 +156,9 @@ def test_table3_rows_per_variant_with_skips_and_the_tvm_check():
                          "cpu X"]
     assert t.rows[1][-1] == "skipped: 4-bit only"
     assert any("logits max abs error prefill 2.0e-06" in n and "CUDA skipped: no GPU" in n for n in t.notes)
+    assert "measured once, before the median was taken (older runs): m w3a16g128 omniquant." in t.notes
+    speed[0]["variants"]["packed"] |= {"bandwidth_samples_gb_s": [30.0, 35.0, 50.0]}  # a run that sampled it
+    assert not any("measured once" in n for n in table3(speed, mlc).notes)
 
 
 def test_table3_llama_cpp_rows_with_their_perplexity_beside_ours_and_the_logits_check():
