@@ -579,6 +579,19 @@ def bits_sweep(config: PretrainedConfig, settings: list[QuantSetting], cfg: Benc
     return results
 
 
+def checkpoints_in_turns(paths: list[str | Path], cfg: BenchConfig = BenchConfig()) -> dict[str, Any]:
+    """Batch-1 ``packed_a8`` decode of packed checkpoints with 8-bit embeddings (the pack stage's second file),
+    timed in turns (:func:`alternated`, the first checkpoint the reference): the fair test of their order on one
+    machine, where separate runs minutes apart differ by more than the checkpoints do."""
+    reason = cpu_kernels.unavailable()
+    if reason:
+        raise UserError(f"the int8-activation kernels cannot run here: {reason}")
+    n_ctx = max(cfg.prefill_len, cfg.prompt_len + max(cfg.new_tokens))
+    makers = {str(path): functools.partial(_a8_runner, path, n_ctx) for path in paths}
+    return {"device": device_name("cpu"), "isa": cpu_kernels.a8_isa(),
+            "bytes": {str(path): Path(path).stat().st_size for path in paths}} | alternated(makers, cfg)
+
+
 def _a8_runner(int8_path: str | Path, n_ctx: int) -> Runner:
     """The ``packed_a8`` variant of a checkpoint with 8-bit embeddings."""
     return decoder_runner(int8_activation_model(int8_path), n_ctx)

@@ -69,6 +69,13 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--new-tokens", type=int, default=128)
     sp.add_argument("--repeats", type=int, default=3)
     sp.add_argument("--plot", help="also write the tok/s-against-bits plot here (a .png)")
+    tp = sub.add_parser("turns", help="batch-1 decode tok/s of packed checkpoints with 8-bit embeddings (the pack "
+                                      "stage's model.packed-int8-embeddings.safetensors) on the int8-activation "
+                                      "kernels, timed in turns (omniquant.bench.checkpoints_in_turns)")
+    tp.add_argument("out_json")
+    tp.add_argument("checkpoints", nargs="+")
+    tp.add_argument("--new-tokens", type=int, default=128)
+    tp.add_argument("--repeats", type=int, default=5)
     return p
 
 
@@ -100,6 +107,16 @@ def _separate(source: str, out: str) -> None:
     src, dst = Path(source).resolve(), Path(out).resolve()
     if src == dst or src in dst.parents or dst in src.parents:
         raise UserError(f"output {out} overlaps the input {source}: write to a folder outside it")
+
+
+def _write_json(path: str | Path, results: dict) -> Path:
+    """Write ``results`` to ``path`` whole or not at all (through a partial file renamed when complete)."""
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + _partial())
+    tmp.write_text(json.dumps(results, indent=2) + "\n")
+    tmp.replace(out)
+    return out
 
 
 def _partial() -> str:
@@ -149,16 +166,21 @@ def _main(argv: list[str] | None = None) -> None:
         settings = [QuantSetting.parse(name) for name in args.settings]
         cfg = bench.BenchConfig(prefill_len=128, batches=(1,), new_tokens=(args.new_tokens,), repeats=args.repeats)
         results = bench.bits_sweep(config, settings, cfg, args.gguf)
-        out = Path(args.out_json)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(out.name + _partial())
-        tmp.write_text(json.dumps(results, indent=2) + "\n")
-        tmp.replace(out)
+        out = _write_json(args.out_json, results)
         if args.plot:
             from omniquant.tables import plot_speed
 
             plot_speed(results, args.plot)
         print(json.dumps({"written": str(out)} | ({"plot": args.plot} if args.plot else {})))
+    elif args.cmd == "turns":
+        from omniquant import bench
+
+        missing = [path for path in args.checkpoints if not Path(path).is_file()]
+        if missing:
+            raise UserError(f"no such checkpoint file: {', '.join(missing)}")
+        cfg = bench.BenchConfig(prefill_len=128, batches=(1,), new_tokens=(args.new_tokens,), repeats=args.repeats)
+        out = _write_json(args.out_json, bench.checkpoints_in_turns(args.checkpoints, cfg))
+        print(json.dumps({"written": str(out)}))
     elif args.cmd == "export":
         _separate(args.quantized_dir, args.out_dir)
         setting = _stage_setting(args.quantized_dir)

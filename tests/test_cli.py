@@ -160,3 +160,25 @@ def test_speed_command_sweeps_bits_in_one_run_and_plots(quantized, tmp_path, cap
     with pytest.raises(SystemExit) as err:
         cli.main(["speed", str(quantized), str(out), "--gguf", str(tmp_path / "missing.gguf")])
     assert err.value.code == 2 and "no such file" in capsys.readouterr().err
+
+
+def test_turns_command_times_packed_checkpoints_in_turns(tmp_path, capsys):
+    from omniquant.bench import random_packed_model
+    from omniquant.kernels import cpu as cpu_kernels
+    from omniquant.models.tiny import tiny_llama
+
+    if cpu_kernels.unavailable() is not None:
+        pytest.skip(f"CPU kernels: {cpu_kernels.unavailable()}")
+    config = tiny_llama()[0].config
+    files = [str(random_packed_model(config, QuantSetting(bits, 16, 32), tmp_path / f"w{bits}.st", embedding_bits=8)["path"])
+             for bits in (4, 2)]
+    out = tmp_path / "turns.json"
+    cli.main(["turns", str(out), *files, "--new-tokens", "2", "--repeats", "3"])
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == {"written": str(out)}
+    turns = json.loads(out.read_text())
+    assert list(turns["runs"]) == files and all(len(r) == 3 and min(r) > 0 for r in turns["runs"].values())
+    assert turns["ratio_to_first"][files[0]] == 1.0 and turns["isa"] == cpu_kernels.a8_isa()
+    assert turns["bytes"][files[1]] < turns["bytes"][files[0]]
+    with pytest.raises(SystemExit) as err:
+        cli.main(["turns", str(out), files[0], str(tmp_path / "missing.st")])
+    assert err.value.code == 2 and "no such checkpoint file" in capsys.readouterr().err
