@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 from omegaconf import OmegaConf
+from safetensors import SafetensorError
 
 from omniquant import schema
 from omniquant import data as datalib
@@ -29,7 +30,7 @@ from omniquant.export.common import QPARAMS_FILE, save_quantized, staged
 from omniquant.layout import record_file
 from omniquant.methods import quantize
 from omniquant.models import checkpoint_dir, load_model, prepare_model
-from omniquant.packing import read_qparams, save_packed
+from omniquant.packing import load_packed, read_qparams, save_packed
 from omniquant.perplexity import perplexity
 from omniquant.setting import QuantSetting
 
@@ -69,9 +70,9 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--new-tokens", type=int, default=128)
     sp.add_argument("--repeats", type=int, default=3)
     sp.add_argument("--plot", help="also write the tok/s-against-bits plot here (a .png)")
-    tp = sub.add_parser("turns", help="batch-1 decode tok/s of packed checkpoints with 8-bit embeddings (the pack "
-                                      "stage's model.packed-int8-embeddings.safetensors) on the int8-activation "
-                                      "kernels, timed in turns (omniquant.bench.checkpoints_in_turns)")
+    tp = sub.add_parser("turns", help="batch-1 decode tok/s of packed checkpoints on the int8-activation kernels, "
+                                      "timed in turns (omniquant.bench.checkpoints_in_turns; Table 3's packed_a8 "
+                                      "reads the pack stage's model.packed-int8-embeddings.safetensors)")
     tp.add_argument("out_json")
     tp.add_argument("checkpoints", nargs="+")
     tp.add_argument("--new-tokens", type=int, default=128)
@@ -178,6 +179,11 @@ def _main(argv: list[str] | None = None) -> None:
         missing = [path for path in args.checkpoints if not Path(path).is_file()]
         if missing:
             raise UserError(f"no such checkpoint file: {', '.join(missing)}")
+        for path in args.checkpoints:
+            try:
+                load_packed(path)
+            except (ValueError, SafetensorError) as err:
+                raise UserError(f"{path}: not a packed checkpoint ({err}); pass omniquant pack's output") from None
         cfg = bench.BenchConfig(prefill_len=128, batches=(1,), new_tokens=(args.new_tokens,), repeats=args.repeats)
         out = _write_json(args.out_json, bench.checkpoints_in_turns(args.checkpoints, cfg))
         print(json.dumps({"written": str(out)}))

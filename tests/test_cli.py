@@ -182,3 +182,8 @@ def test_turns_command_times_packed_checkpoints_in_turns(tmp_path, capsys):
     with pytest.raises(SystemExit) as err:
         cli.main(["turns", str(out), files[0], str(tmp_path / "missing.st")])
     assert err.value.code == 2 and "no such checkpoint file" in capsys.readouterr().err
+    (tmp_path / "notes.st").write_text("not a checkpoint")
+    with pytest.raises(SystemExit) as err:
+        cli.main(["turns", str(out), str(tmp_path / "notes.st")])
+    message = capsys.readouterr().err
+    assert err.value.code == 2 and "not a packed checkpoint" in message and "Traceback" not in message
