@@ -101,31 +101,37 @@ def _sync(device: torch.device) -> None:
 
 
 def memory_bandwidth(device: torch.device | str, nbytes: int = 512 * 2**20, repeats: int = 5) -> float:
-    """Measured copy bandwidth in bytes/s (a tensor copy reads and writes ``nbytes``; best of ``repeats``)."""
-    device = torch.device(device)
+    """Measured copy bandwidth in bytes/s of ``nbytes`` in fresh buffers (:func:`copy_bandwidth`)."""
     src = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
-    dst = torch.empty_like(src)
+    return copy_bandwidth(src, torch.empty_like(src), repeats)
+
+
+def copy_bandwidth(src: torch.Tensor, dst: torch.Tensor, repeats: int = 5) -> float:
+    """Copy bandwidth in bytes/s of ``dst.copy_(src)`` (it reads and writes ``src``'s bytes; best of ``repeats``)."""
     best = float("inf")
     for _ in range(repeats + 1):  # the first copy warms up (page faults, allocation)
-        _sync(device)
+        _sync(src.device)
         start = time.perf_counter()
         dst.copy_(src)
-        _sync(device)
+        _sync(src.device)
         best = min(best, time.perf_counter() - start)
-    return 2 * src.numel() * 4 / best
+    return 2 * src.numel() * src.element_size() / best
 
 
 class Bandwidth:
-    """The copy bandwidth sampled through one benchmark run (:meth:`sample`: one :func:`memory_bandwidth`).
+    """The copy bandwidth sampled through one benchmark run (:meth:`sample`: one :func:`copy_bandwidth`).
 
     A shared VM's bandwidth drifts by half within seconds, so one measurement makes a poor roofline: the
-    roofline's denominator is the median of the run's samples (:meth:`apply`)."""
+    roofline's denominator is the median of the run's samples (:meth:`apply`). The copy's two buffers of ``nbytes``
+    live as long as the sampler: freeing them just before a variant's peak-memory window skews its peak RSS."""
 
-    def __init__(self, device: torch.device | str, nbytes: int = 512 * 2**20):
-        self.device, self.nbytes, self.samples = torch.device(device), nbytes, []
+    def __init__(self, device: torch.device | str, nbytes: int = BenchConfig.bandwidth_bytes):
+        self.samples: list[float] = []
+        self._src = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
+        self._dst = torch.empty_like(self._src)
 
     def sample(self) -> None:
-        self.samples.append(memory_bandwidth(self.device, self.nbytes))
+        self.samples.append(copy_bandwidth(self._src, self._dst))
 
     def median(self) -> float:
         """The samples' median in bytes/s."""
@@ -138,8 +144,9 @@ class Bandwidth:
 
     def apply(self, result: dict[str, Any]) -> dict[str, Any]:
         """``result`` (of :func:`benchmark`) with the run's bandwidth and each decode key's roofline share."""
+        median = self.median()
         return result | self.report() | {
-            "roofline_frac": {key: gb_s * GB / self.median() for key, gb_s in result["decode_gb_s"].items()}}
+            "roofline_frac": {key: gb_s * GB / median for key, gb_s in result["decode_gb_s"].items()}}
 
 
 class _PeakMemory:
@@ -579,17 +586,16 @@ def bits_sweep(config: PretrainedConfig, settings: list[QuantSetting], cfg: Benc
     return results
 
 
-def checkpoints_in_turns(paths: list[str | Path], cfg: BenchConfig = BenchConfig()) -> dict[str, Any]:
-    """Batch-1 ``packed_a8`` decode of packed checkpoints with 8-bit embeddings (the pack stage's second file),
-    timed in turns (:func:`alternated`, the first checkpoint the reference): the fair test of their order on one
-    machine, where separate runs minutes apart differ by more than the checkpoints do."""
-    reason = cpu_kernels.unavailable()
-    if reason:
-        raise UserError(f"the int8-activation kernels cannot run here: {reason}")
+def checkpoints_in_turns(models: Mapping[str, nn.Module], cfg: BenchConfig = BenchConfig()) -> dict[str, Any]:
+    """Batch-1 ``packed_a8`` decode of packed models (name → :func:`~omniquant.packed.load_packed_model`; Table 3's
+    variant reads the pack stage's checkpoint with 8-bit embeddings) timed in turns (:func:`alternated`, the first
+    model the reference): the fair test of their order on one machine, where separate runs minutes apart differ by
+    more than the models do. Raises :class:`UserError` where the int8-activation kernels cannot run."""
+    for model in models.values():
+        use_int8_activations(model)
     n_ctx = max(cfg.prefill_len, cfg.prompt_len + max(cfg.new_tokens))
-    makers = {str(path): functools.partial(_a8_runner, path, n_ctx) for path in paths}
-    return {"device": device_name("cpu"), "isa": cpu_kernels.a8_isa(),
-            "bytes": {str(path): Path(path).stat().st_size for path in paths}} | alternated(makers, cfg)
+    makers = {name: functools.partial(decoder_runner, model, n_ctx) for name, model in models.items()}
+    return {"device": device_name("cpu"), "isa": cpu_kernels.a8_isa()} | alternated(makers, cfg)
 
 
 def _a8_runner(int8_path: str | Path, n_ctx: int) -> Runner:

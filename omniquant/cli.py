@@ -30,7 +30,8 @@ from omniquant.export.common import QPARAMS_FILE, save_quantized, staged
 from omniquant.layout import record_file
 from omniquant.methods import quantize
 from omniquant.models import checkpoint_dir, load_model, prepare_model
-from omniquant.packing import load_packed, read_qparams, save_packed
+from omniquant.packed import load_packed_model
+from omniquant.packing import read_qparams, save_packed
 from omniquant.perplexity import perplexity
 from omniquant.setting import QuantSetting
 
@@ -179,13 +180,15 @@ def _main(argv: list[str] | None = None) -> None:
         missing = [path for path in args.checkpoints if not Path(path).is_file()]
         if missing:
             raise UserError(f"no such checkpoint file: {', '.join(missing)}")
+        models = {}
         for path in args.checkpoints:
             try:
-                load_packed(path)
+                models[path] = load_packed_model(path)
             except (ValueError, SafetensorError) as err:
                 raise UserError(f"{path}: not a packed checkpoint ({err}); pass omniquant pack's output") from None
         cfg = bench.BenchConfig(prefill_len=128, batches=(1,), new_tokens=(args.new_tokens,), repeats=args.repeats)
-        out = _write_json(args.out_json, bench.checkpoints_in_turns(args.checkpoints, cfg))
+        sizes = {"bytes": {path: Path(path).stat().st_size for path in args.checkpoints}}
+        out = _write_json(args.out_json, sizes | bench.checkpoints_in_turns(models, cfg))
         print(json.dumps({"written": str(out)}))
     elif args.cmd == "export":
         _separate(args.quantized_dir, args.out_dir)

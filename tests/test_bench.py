@@ -43,11 +43,11 @@ def packed(tmp_path_factory):
 
 
 def test_the_roofline_takes_the_median_of_the_runs_bandwidth_samples(monkeypatch):
-    bandwidth = Bandwidth("cpu")
+    bandwidth = Bandwidth("cpu", nbytes=2**20)
     with pytest.raises(ValueError, match="no bandwidth sample"):
         bandwidth.median()
     measured = iter([100e9, 300e9, 200e9])  # a VM whose bandwidth jumps: the median, not the best or the last
-    monkeypatch.setattr("omniquant.bench.memory_bandwidth", lambda device, nbytes: next(measured))
+    monkeypatch.setattr("omniquant.bench.copy_bandwidth", lambda src, dst: next(measured))
     for _ in range(3):
         bandwidth.sample()
     result = bandwidth.apply({"decode_gb_s": {"b1_n128": 50.0, "b8_n128": 100.0}, "prefill_tok_s": 1.0})
@@ -57,7 +57,8 @@ def test_the_roofline_takes_the_median_of_the_runs_bandwidth_samples(monkeypatch
 
 def test_a_variant_run_samples_the_bandwidth_before_each_variant_and_at_the_end(packed, monkeypatch):
     calls = []
-    monkeypatch.setattr("omniquant.bench.memory_bandwidth", lambda device, nbytes: calls.append(nbytes) or 1e9 * len(calls))
+    monkeypatch.setattr("omniquant.bench.copy_bandwidth",
+                        lambda src, dst: calls.append(src.numel() * src.element_size()) or 1e9 * len(calls))
     results = bench_variants(packed[4]["path"], variants=("fp", "packed"), cfg=TINY)
     assert calls == [TINY.bandwidth_bytes] * 3
     for r in results.values():
