@@ -168,7 +168,10 @@ class Decoder:
         self.rope = self._rope_tables()
         self.fast = (self.device.type == "cpu" and self.dtype == torch.float32 and cpu_kernels.unavailable() is None
                      and all(layer.gelu is not None for layer in self.layers))
+        self.final_norm = _norm(self.adapter, model.base_model, "norm")  # the fast steps' own (HF's within rounding)
         self.linears = [m for layer in self.layers for m in (layer.qkv, layer.o, layer.gate_up, layer.down)]
+        # the linears' hook dicts (registering a hook adds to them in place): checked at every step, in one any()
+        self._hook_dicts = tuple(d for m in self.linears for d in (m._forward_hooks, m._forward_pre_hooks))
         self.fused = self._fused_step() if self.fast else None
 
     def _fused_step(self) -> Callable[..., torch.Tensor] | None:
@@ -191,7 +194,7 @@ class Decoder:
     def _hooked(self) -> bool:
         """Whether a forward hook watches a layer's linears (a profile): then the steps call the modules."""
         return bool(torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks) or any(
-            m._forward_hooks or m._forward_pre_hooks for m in self.linears)
+            self._hook_dicts)
 
     def _rope_tables(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Per layer, the first halves of HF's ``(cos, sin)``, ``[max_len, 1, head_dim / 2]`` in the model's
@@ -275,4 +278,6 @@ class Decoder:
                 x = x + self._attention(i, x, cache, None if masks is None else masks[i], span)
                 x = x + self._mlp(i, x)
         cache.pos += n
-        return head(self.model, self.norm(x[:, -1]))
+        last = x[:, -1]
+        return head(self.model, cpu_kernels.rms_norm(last.contiguous(), *self.final_norm) if self.fast and n == 1
+                    else self.norm(last))
