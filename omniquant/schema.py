@@ -218,6 +218,8 @@ def check_bench(bench: Mapping[str, Any]) -> None:
     list_of(POSITIVE).check("bench.batches", list(bench.get("batches") or []))
     list_of(POSITIVE).check("bench.new_tokens", list(bench.get("new_tokens") or []))
     list_of(one_of(*BENCH_SHAPES), non_empty=False).check("bench.random_shapes", list(bench.get("random_shapes") or []))
+    _check_keys("bench.turns", bench.get("turns"),
+                {"against": one_of(*_options("quant")).or_null, "rounds": POSITIVE})
 
 
 def check_grid(grid: Mapping[str, Any]) -> None:
@@ -232,6 +234,7 @@ def check_grid(grid: Mapping[str, Any]) -> None:
         list_of(one_of(*_options("quant"))).check(f"{key}.settings", list(block.get("settings") or []))
         list_of(one_of(*method_names.NAMES)).check(f"{key}.methods", list(block.get("methods") or []))
         POSITIVE.or_null.check(f"{key}.limit", block.get("limit"))
+        _check_keys(key, block, {"in_turns": BOOL})
     for group in ("bench", "profile", "data"):
         one_of(*_options(group)).check(f"grid.{group}", grid.get(group))
 

@@ -28,7 +28,7 @@ from omniquant.zeroshot import AVERAGED
 SETTING_ORDER = ["fp16", "w4a16g128", "w4a16g64", "w4a16g32", "w4a16", "w3a16g128", "w3a16g64", "w3a16",
                  "w2a16g128", "w2a16g64", "w2a16", "w8a8", "w6a6", "w4a8", "w4a4"]
 METHOD_ORDER = ["fp", "rtn", "gptq", "awq", "smoothquant", "omniquant-paper", "omniquant"]
-KIND = re.compile(r"\.(zeroshot|zeroshot_full|packed|mlc|speed|seed)\d*\.json$")  # no suffix: perplexity
+KIND = re.compile(r"\.(zeroshot|zeroshot_full|packed|mlc|speed|turns|seed)\d*\.json$")  # no suffix: perplexity
 TASK_TITLES = {"piqa": "PIQA", "arc_easy": "ARC-e", "arc_challenge": "ARC-c", "boolq": "BoolQ",
                "hellaswag": "HellaSwag", "winogrande": "WinoGrande"}
 ZEROSHOT_COLUMNS = [(task, TASK_TITLES[task]) for task in AVERAGED]  # the paper's six, in its order
@@ -83,6 +83,7 @@ class Records:
     packed: list[Metrics]
     mlc: list[Metrics]
     speed: list[Metrics]
+    turns: list[Metrics]  # a cell's decode timed in turns with another cell's (stage speed_turns)
     seed: list[Metrics]  # perplexity of a cell at other calibration seeds (``<method>.seed<N>.json``)
 
 
@@ -104,7 +105,8 @@ def impossible(m: Metrics) -> str | None:
 def load_metrics(root: str | Path, models: Sequence[str] | None = None) -> Records:
     """Every metrics file under ``root`` (``root/<model>`` of ``models`` only, if given), by kind; a record
     with impossible figures is skipped, with one line naming it."""
-    kinds: dict[str, list[Metrics]] = {"ppl": [], "zeroshot": [], "packed": [], "mlc": [], "speed": [], "seed": []}
+    kinds: dict[str, list[Metrics]] = {"ppl": [], "zeroshot": [], "packed": [], "mlc": [], "speed": [], "turns": [],
+                                       "seed": []}
     folders = [Path(root)] if models is None else [Path(root) / model for model in models]
     for path in sorted(p for folder in folders for p in folder.rglob("*.json")):
         match = KIND.search(path.name)
@@ -362,6 +364,12 @@ def _rate(value: float | None) -> str:
     return "–" if value is None else f"{value:.1f}"
 
 
+def _turns(t: Metrics) -> str:
+    """A speed_turns record in a cell: ``1.15× w4a16g128 (288.9 / 251.5)``."""
+    tok_s = t["median_tok_s"]
+    return f"{t['ratio']:.2f}× {t['against']} ({_rate(tok_s[t['setting']])} / {_rate(tok_s[t['against']])})"
+
+
 LLAMA_CPP = {"llama_cpp_source": "llama.cpp (source GGUF)", "llama_cpp_export": "llama.cpp (our Q4_1 export)"}
 
 
@@ -381,25 +389,30 @@ def _llama_cpp_note(m: Metrics, variant: str, r: Metrics, ours: Metrics) -> str:
             f"{'within' if c['within_tolerance'] else 'OUTSIDE'} the tolerance ({tol}).")
 
 
-def table3(speed: Sequence[Metrics], mlc: Sequence[Metrics], ppl: Sequence[Metrics] = ()) -> Table:
+def table3(speed: Sequence[Metrics], mlc: Sequence[Metrics], ppl: Sequence[Metrics] = (),
+           turns: Sequence[Metrics] = ()) -> Table:
     """Speed (the paper's Table 3 analogue): one row per cell and variant, the TVM build check and the
     llama.cpp rows' perplexity (beside ``ppl``'s, ours: FP for the source GGUF, the cell for the export)
-    and logits check beside."""
+    and logits check beside; ``turns`` (stage speed_turns) adds, in its variant's row, a cell's decode timed in turns
+    with another setting's."""
     keys = sorted({k for m in speed for v in m["variants"].values() for k in v.get("decode_tok_s", {})},
                   key=lambda k: tuple(int(x) for x in re.findall(r"\d+", k)))
     builds = {(m["model"], m["setting"], m["method"]): m for m in mlc}
     fake = {(m["model"], m["setting"], m["method"]): m for m in ppl}
+    in_turns = {(t["model"], t["setting"], t["method"], t["variant"]): t for t in turns}
     body, llama_notes = [], []
     for m in sorted(speed, key=lambda m: (m["model"], *_key(m))):
         for variant, r in m["variants"].items():
             label = LLAMA_CPP.get(variant, variant)
             if "skipped" in r:
-                body.append([m["model"], m["setting"], m["method"], label] + ["–"] * (len(keys) + 4)
+                body.append([m["model"], m["setting"], m["method"], label] + ["–"] * (len(keys) + 5)
                             + [f"skipped: {r['skipped']}"])
                 continue
             roof = r["roofline_frac"].get(keys[0]) if keys else None
+            timed = in_turns.get((m["model"], m["setting"], m["method"], variant))
             body.append([m["model"], m["setting"], m["method"], label, _rate(r["prefill_tok_s"])]
                         + [_rate(r["decode_tok_s"].get(k)) for k in keys]
+                        + ["–" if timed is None else _turns(timed)]
                         + [f"{r['peak_mem_gb']:.2f}", f"{r['weight_bytes'] / 2**20:.1f}",
                            "–" if roof is None else f"{100 * roof:.1f}", r["device"]])
             if variant in LLAMA_CPP:
@@ -409,6 +422,11 @@ def table3(speed: Sequence[Metrics], mlc: Sequence[Metrics], ppl: Sequence[Metri
     notes = [f"decode columns: batch b, n new tokens (greedy); roofline: decode tokens/s at {keys[0] if keys else '–'} "
              "over (memory bandwidth ÷ weight bytes read per token), in %; the bandwidth: the median of the copy "
              "bandwidths sampled through the cell's run."]
+    if turns:
+        t = turns[0]
+        notes.append(f"in turns (stage speed_turns): the cell's {t['variant']} decode and that of the setting named, "
+                     f"at b{t['batch']}_n{t['new_tokens']}, one run of each a round ({t['rounds']} rounds): the median "
+                     "per-round ratio of the cell's tok/s to the other's, and their median tok/s.")
     once = sorted(f"{m['model']} {m['setting']} {m['method']}" for m in speed
                   if not any("bandwidth_samples_gb_s" in v for v in m["variants"].values()))
     if once:
@@ -421,7 +439,7 @@ def table3(speed: Sequence[Metrics], mlc: Sequence[Metrics], ppl: Sequence[Metri
                        f"({b.get('mlc_quantization')}).")
     return Table("Table 3 — speed and memory of packed models",
                  ["model", "setting", "method", "variant", "prefill tok/s"] + [f"decode tok/s {k}" for k in keys]
-                 + ["peak mem (GB)", "weights MiB", "roofline %", "device"], body, notes + llama_notes)
+                 + ["in turns: × setting (tok/s)", "peak mem (GB)", "weights MiB", "roofline %", "device"], body, notes + llama_notes)
 
 
 def write_tables(metrics_root: str | Path, out: str | Path, metric: str = "acc",
@@ -434,7 +452,7 @@ def write_tables(metrics_root: str | Path, out: str | Path, metric: str = "acc",
     written = []
     tables = (("table1", table1(records.ppl, records.seed)), ("table2", table2(records.zeroshot, metric)),
               ("tableA1", tableA1(records.ppl)), ("table_packed", table_packed(records.packed, records.ppl)),
-              ("table3", table3(records.speed, records.mlc, records.ppl)))
+              ("table3", table3(records.speed, records.mlc, records.ppl, records.turns)))
     for name, table in tables:
         for suffix, text in ((".md", table.markdown()), (".csv", table.csv())):
             (out / f"{name}{suffix}").write_text(text)

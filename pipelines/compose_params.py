@@ -3,7 +3,7 @@
 ``python -m pipelines.compose_params [grid=smoke] [--check]``. The file holds the grid that
 ``dvc.yaml`` templates over (``grid.cells``: the union of the grid's settings x methods blocks,
 keyed ``<model>-<setting>-<method>``; ``grid.name``: the grid's conf file; ``grid.zeroshot_cells`` likewise for the zero-shot stage, ``grid.pack_cells`` / ``grid.speed_cells`` for the pack, mlc_compile and bench_speed stages, a speed cell with
-its ``bench`` option) and the composed default config, for reference; each DVC
+its ``bench`` option; ``grid.turns_cells`` for speed_turns) and the composed default config, for reference; each DVC
 cell tracks its own ``conf/**.yaml`` files as params. ``--check`` exits 1 if the file is stale.
 """
 from __future__ import annotations
@@ -75,6 +75,20 @@ def stage_cells(grid: dict, name: str) -> dict[str, dict[str, str]]:
     return cells
 
 
+def turns_cells(grid: dict) -> dict[str, dict[str, str]]:
+    """Cells of the ``speed_turns`` stage: in each speed block with ``in_turns: true``, each setting but the first
+    for each model and method, timed in turns against the setting before it in the block (``against``)."""
+    cells = {}
+    for block in (grid.get("speed") or {"blocks": []})["blocks"]:
+        if not block.get("in_turns"):
+            continue
+        for key, cell in grid_cells(grid["models"], [block]).items():
+            at = block["settings"].index(cell["quant"])
+            if at:
+                cells[key] = cell | {"against": block["settings"][at - 1], "bench": block.get("bench", grid["bench"])}
+    return cells
+
+
 def compose_params(overrides: list[str]) -> str:
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose("config", overrides=overrides, return_hydra_config=True)
@@ -87,6 +101,7 @@ def compose_params(overrides: list[str]) -> str:
     grid["zeroshot_cells"] = zeroshot_cells(grid)
     grid["pack_cells"] = stage_cells(grid, "pack")
     grid["speed_cells"] = stage_cells(grid, "speed")  # mlc_compile and bench_speed (cells must be packed)
+    grid["turns_cells"] = turns_cells(grid)  # speed_turns (both cells must be packed)
     return HEADER + yaml.safe_dump({"grid": grid, "config": composed}, sort_keys=False)
 
 

@@ -2,6 +2,7 @@
 import pytest
 import yaml
 from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 
 from omniquant import schema
 from omniquant.errors import UserError
@@ -45,6 +46,13 @@ def test_a_wrong_value_names_key_value_and_what_is_allowed(overrides, message):
     with pytest.raises(UserError) as err:
         schema.validate(_cfg(*overrides))
     assert str(err.value).startswith(message) and "\n" not in str(err.value)
+
+
+def test_a_speed_blocks_in_turns_flag_is_a_boolean():
+    cfg = OmegaConf.to_container(_cfg("grid=smoke"))
+    cfg["grid"]["speed"]["blocks"][0]["in_turns"] = "yes"
+    with pytest.raises(UserError, match=r"^grid.speed.blocks.in_turns=yes is invalid: allowed true or false$"):
+        schema.validate(cfg)
 
 
 def test_cli_flags_parse_with_the_same_rules():

@@ -152,13 +152,34 @@ def test_table3_rows_per_variant_with_skips_and_the_tvm_check():
             "mlc_route": "fake-quant-fp16", "mlc_quantization": "w3a16g128asym"}]
     t = table3(speed, mlc)
     assert t.columns[4:7] == ["prefill tok/s", "decode tok/s b1_n128", "decode tok/s b8_n128"]
-    assert t.rows[0] == ["m", "w3a16g128", "omniquant", "packed", "100.0", "20.0", "90.0", "0.50", "3.0", "25.0",
-                         "cpu X"]
+    assert t.rows[0] == ["m", "w3a16g128", "omniquant", "packed", "100.0", "20.0", "90.0", "–", "0.50", "3.0",
+                         "25.0", "cpu X"]
     assert t.rows[1][-1] == "skipped: 4-bit only"
     assert any("logits max abs error prefill 2.0e-06" in n and "CUDA skipped: no GPU" in n for n in t.notes)
     assert "measured once, before the median was taken (older runs): m w3a16g128 omniquant." in t.notes
     speed[0]["variants"]["packed"] |= {"bandwidth_samples_gb_s": [30.0, 35.0, 50.0]}  # a run that sampled it
     assert not any("measured once" in n for n in table3(speed, mlc).notes)
+
+
+def test_table3_shows_a_cells_decode_in_turns_with_the_setting_before_it(tmp_path):
+    run = {"prefill_tok_s": 100.0, "decode_tok_s": {"b1_n128": 250.0}, "peak_mem_gb": 0.1, "weight_bytes": 2**20,
+           "roofline_frac": {"b1_n128": 0.6}, "device": "cpu X"}
+    speed = [{"model": "m", "setting": s, "method": "omniquant", "variants": {"packed": run, "packed_a8": run}}
+             for s in ("w4a16g128", "w2a16g64")]
+    turns = {"model": "m", "setting": "w2a16g64", "method": "omniquant", "variant": "packed_a8",
+             "against": "w4a16g128", "rounds": 7, "batch": 1, "new_tokens": 128, "ratio": 1.25,
+             "median_tok_s": {"w4a16g128": 251.5, "w2a16g64": 310.0}}
+    folder = tmp_path / "m" / "w2a16g64"
+    folder.mkdir(parents=True)
+    (folder / "omniquant.turns.json").write_text(json.dumps(turns))
+    records = load_metrics(tmp_path)
+    assert records.turns == [turns] and not records.ppl
+    t = table3(speed, [], [], records.turns)
+    cells = {(r[1], r[3]): r[t.columns.index("in turns: × setting (tok/s)")] for r in t.rows}
+    assert cells == {("w4a16g128", "packed"): "–", ("w4a16g128", "packed_a8"): "–", ("w2a16g64", "packed"): "–",
+                     ("w2a16g64", "packed_a8"): "1.25× w4a16g128 (310.0 / 251.5)"}
+    assert any("packed_a8 decode and that of the setting named, at b1_n128" in n and "(7 rounds)" in n
+               for n in t.notes)
 
 
 def test_table3_llama_cpp_rows_with_their_perplexity_beside_ours_and_the_logits_check():

@@ -118,8 +118,8 @@ def require_packed(cell: Cell) -> None:
 
 def finish(cfg: DictConfig, cell: Cell, results: dict[str, Any], record: dict[str, Any],
            kind: str = "ppl") -> dict[str, Any]:
-    """Merge the quant record, write the cell's metrics JSON (``kind``: ppl, zeroshot, zeroshot_full or
-    packed), log it to MLflow.
+    """Merge the quant record, write the cell's metrics JSON (``kind``: ppl, zeroshot, zeroshot_full, packed, speed
+    or turns), log it to MLflow.
 
     Zero-shot and packed metrics go into the MLflow run of the cell's perplexity evaluation when there is one.
     """

@@ -89,6 +89,8 @@ BAD = [  # (overrides, what the one line says)
     (["model=hf", "model.path=/no/such/model"], "/no/such/model does not exist"),
     (["model.tiny.hidden_size=0"], "model.tiny.hidden_size=0 is invalid"),
     (["bench.batches=[0]"], "bench.batches=[0] is invalid"),
+    (["bench.turns.against=w9"], "bench.turns.against=w9 is invalid"),
+    (["bench.turns.rounds=0"], "bench.turns.rounds=0 is invalid"),
     (["eval.zeroshot.limit=0"], "eval.zeroshot.limit=0 is invalid"),
     (["grid.models=[nope]"], "grid.models=['nope'] is invalid"),
 ]

@@ -80,6 +80,21 @@ def test_cpu_grid_has_the_gemma_cells_of_issue_19():
         "gemma3-270m-w4a16g128-omniquant": "batch1"}
 
 
+def test_a_speed_block_in_turns_times_each_setting_against_the_one_before_it():
+    import yaml
+
+    from pipelines.compose_params import compose_params
+
+    grid = yaml.safe_load(compose_params(["grid=cpu"]))["grid"]
+    assert grid["turns_cells"] == {
+        "smollm2-135m-w3a16g128-omniquant": {"model": "smollm2-135m", "quant": "w3a16g128", "method": "omniquant",
+                                             "against": "w4a16g128", "bench": "quick"},
+        "smollm2-135m-w2a16g64-omniquant": {"model": "smollm2-135m", "quant": "w2a16g64", "method": "omniquant",
+                                            "against": "w3a16g128", "bench": "quick"}}
+    assert all(name in grid["speed_cells"] for name in grid["turns_cells"])
+    assert yaml.safe_load(compose_params(["grid=smoke"]))["grid"]["turns_cells"] == {}
+
+
 def test_a_block_model_outside_the_grid_is_one_line_error():
     proc = subprocess.run([sys.executable, "-m", "pipelines.compose_params", "grid=cpu", "grid.blocks.1.models=[llama-7b]",
                            "--check"], cwd=REPO, capture_output=True, text=True)

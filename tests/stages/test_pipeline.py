@@ -24,6 +24,7 @@ from omniquant.stages.pack import pack
 from omniquant.stages.prepare_model import prepare_model
 from omniquant.stages.quantize import quantize
 from omniquant.stages.run_cell import run_cell
+from omniquant.stages.speed_turns import speed_turns
 from pipelines._app import unknown_group_option
 
 from conftest import CONF, REPO
@@ -225,6 +226,35 @@ def test_pack_stage_packed_model_matches_fake_quant(make_cfg, data_root, tmp_pat
     # the same with 8-bit embeddings and head: smaller, and its perplexity cost recorded
     assert saved["packed_int8_bytes"] < saved["packed_bytes"]
     assert saved["packed_int8_wikitext2_ppl"] == pytest.approx(fake["wikitext2_ppl"], rel=0.05)
+
+
+def test_speed_turns_stage_times_two_cells_packed_checkpoints_in_turns(make_cfg, data_root, tmp_path):
+    """speed_turns: a cell's packed_a8 decode and another setting's, one run of each a round."""
+    from omniquant.errors import UserError
+    from omniquant.kernels import cpu as cpu_kernels
+
+    if cpu_kernels.unavailable() is not None:
+        pytest.skip(f"CPU kernels: {cpu_kernels.unavailable()}")
+    for quant in ("w4a16g128", "w3a16g128"):
+        cfg = make_cfg(*SMOKE, f"quant={quant}", "method=rtn", f"data.root={data_root}")
+        prepare_model(cfg)
+        quantize(cfg)
+        pack(cfg)
+    turns = (*SMOKE, "quant=w3a16g128", "method=rtn", "bench=smoke", "bench.turns.rounds=3")
+    record = speed_turns(make_cfg(*turns, "bench.turns.against=w4a16g128"))
+    assert read_json(tmp_path / "metrics/tiny-llama/w3a16g128/rtn.turns.json") == record
+    assert (record["setting"], record["against"], record["variant"]) == ("w3a16g128", "w4a16g128", "packed_a8")
+    assert list(record["runs"]) == ["w4a16g128", "w3a16g128"] and all(len(r) == 3 and min(r) > 0
+                                                                        for r in record["runs"].values())
+    assert record["ratio"] == record["ratio_to_first"]["w3a16g128"] and (record["batch"], record["new_tokens"]) == (1, 4)
+    int8 = tmp_path / "artifacts/packed/tiny-llama/w3a16g128/rtn/model.packed-int8-embeddings.safetensors"
+    assert record["checkpoints"]["w3a16g128"] == {"file": int8.name, "bytes": int8.stat().st_size}
+    with pytest.raises(UserError, match="bench.turns.against is not set"):
+        speed_turns(make_cfg(*turns))
+    with pytest.raises(UserError, match="is this cell's own setting"):
+        speed_turns(make_cfg(*turns, "bench.turns.against=w3a16g128"))
+    with pytest.raises(UserError, match="tiny-llama/w2a16g64/rtn: run their pack stages"):
+        speed_turns(make_cfg(*turns, "bench.turns.against=w2a16g64"))
 
 
 def test_pack_refuses_weight_activation_settings(make_cfg, data_root):
