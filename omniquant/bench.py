@@ -72,6 +72,11 @@ class BenchConfig:
     bandwidth_bytes: int = 512 * 2**20  # size of the copy in :func:`memory_bandwidth`
     repeats: int = 3  # timed runs per figure (the median is reported)
 
+    @property
+    def context_len(self) -> int:
+        """Positions a runner's cache or context must hold: the longest sequence (prefill, or prompt and decode)."""
+        return max(self.prefill_len, self.prompt_len + max(self.new_tokens))
+
 
 @dataclass
 class Runner:
@@ -477,7 +482,7 @@ def bench_variants(packed_path: str | Path, device: torch.device | str = "cpu",
     own = bandwidth is None
     bandwidth = bandwidth or Bandwidth(device, cfg.bandwidth_bytes)
     tvm_dir = tempfile.mkdtemp(prefix="omniquant-tvm-")
-    n_ctx = max(cfg.prefill_len, cfg.prompt_len + max(cfg.new_tokens))  # a cache or context: the longest sequence
+    n_ctx = cfg.context_len
     builders: dict[str, Callable[[], Runner]] = {
         "fp": lambda: decoder_runner(dense_model(packed_path).to(device=device, dtype=dtype), n_ctx),
         "packed": lambda: decoder_runner(packed_model(packed_path, device, dtype), n_ctx),
@@ -572,7 +577,7 @@ def bits_sweep(config: PretrainedConfig, settings: list[QuantSetting], cfg: Benc
         bits[setting.name] = bits_per_weight(load_packed_model(made["path"]))
         results |= {"note": made["note"], "parameters": made["parameters"]}
     others = {"fp": benched[settings[0].name].pop("fp")}
-    n_ctx = max(cfg.prefill_len, cfg.prompt_len + max(cfg.new_tokens))
+    n_ctx = cfg.context_len
     if gguf is not None:
         llama = functools.partial(llamacpp.gguf_runner, gguf, torch.get_num_threads(), n_ctx)
         others["llama_cpp"] = {"gguf": Path(gguf).name} | benchmark(llama, "cpu", cfg, bandwidth)
@@ -593,8 +598,7 @@ def checkpoints_in_turns(models: Mapping[str, nn.Module], cfg: BenchConfig = Ben
     more than the models do. Raises :class:`UserError` where the int8-activation kernels cannot run."""
     for model in models.values():
         use_int8_activations(model)
-    n_ctx = max(cfg.prefill_len, cfg.prompt_len + max(cfg.new_tokens))
-    makers = {name: functools.partial(decoder_runner, model, n_ctx) for name, model in models.items()}
+    makers = {name: functools.partial(decoder_runner, model, cfg.context_len) for name, model in models.items()}
     return {"device": device_name("cpu"), "isa": cpu_kernels.a8_isa()} | alternated(makers, cfg)
 
 
